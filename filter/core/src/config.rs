@@ -1,0 +1,436 @@
+//! Filter configuration: a raw serde struct, then a validated [`Config`].
+//!
+//! Parsing is two steps so that every check lives in one place and every error names the
+//! field it is about (`store_slots: must be between 1 and 16777216, got 0`). Envoy hands the
+//! JSON to `on_configure`; an error there makes the filter refuse the configuration.
+
+use serde::Deserialize;
+use std::fmt;
+
+/// Upper bound for `store_slots`: 16 Mi keys is far beyond any sane deployment and keeps
+/// the slot index comfortably inside `u32`.
+pub const MAX_STORE_SLOTS: u32 = 1 << 24;
+/// Upper bound for `slot_capacity`: a slot is copied whole on every lookup, so it must stay small.
+pub const MAX_SLOT_CAPACITY: u16 = 64;
+/// Upper bound for `max_token_response_bytes`; Envoy's own buffer limit (1 MiB by default)
+/// usually bites first.
+pub const MAX_TOKEN_RESPONSE_BYTES: usize = 16 << 20;
+
+/// What to do with a full three-part JWT presented by a client instead of a signature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FullJwtPolicy {
+    /// Reject it as `invalid_token`: clients of this gateway only ever hold signatures.
+    #[default]
+    Reject,
+    /// Forward it unchanged (for a migration period; the upstream must verify it).
+    Allow,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    token_paths: Vec<String>,
+    #[serde(default)]
+    public_prefixes: Vec<String>,
+    #[serde(default)]
+    full_jwt: FullJwtPolicy,
+    #[serde(default)]
+    strip_response_fields: Vec<String>,
+    #[serde(default = "defaults::max_ttl_seconds")]
+    max_ttl_seconds: u64,
+    #[serde(default = "defaults::store_slots")]
+    store_slots: u32,
+    #[serde(default = "defaults::slot_capacity")]
+    slot_capacity: u16,
+    #[serde(default = "defaults::store_prefix")]
+    store_prefix: String,
+    #[serde(default = "defaults::realm")]
+    realm: String,
+    #[serde(default = "defaults::max_token_response_bytes")]
+    max_token_response_bytes: usize,
+}
+
+mod defaults {
+    pub fn max_ttl_seconds() -> u64 {
+        86_400
+    }
+    pub fn store_slots() -> u32 {
+        65_536
+    }
+    pub fn slot_capacity() -> u16 {
+        8
+    }
+    pub fn store_prefix() -> String {
+        "split-token/".to_owned()
+    }
+    pub fn realm() -> String {
+        "split-token".to_owned()
+    }
+    pub fn max_token_response_bytes() -> usize {
+        64 * 1024
+    }
+}
+
+/// A validated filter configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Exact request paths (query ignored) whose responses carry tokens to split.
+    pub token_paths: Vec<String>,
+    /// Path prefixes that pass through without a token.
+    pub public_prefixes: Vec<String>,
+    /// What a full JWT presented by a client means.
+    pub full_jwt: FullJwtPolicy,
+    /// Top-level fields removed from token responses.
+    pub strip_response_fields: Vec<String>,
+    /// Upper bound on how long a split token stays in the store.
+    pub max_ttl_seconds: u64,
+    /// Number of shared-data keys the store may ever create.
+    pub store_slots: u32,
+    /// Entries one slot holds before it evicts.
+    pub slot_capacity: u16,
+    /// Prefix of every shared-data key (Istio gives all plugins one namespace).
+    pub store_prefix: String,
+    /// `WWW-Authenticate` header value for requests without credentials, precomputed.
+    pub challenge: String,
+    /// `WWW-Authenticate` header value for invalid tokens, precomputed.
+    pub challenge_invalid_token: String,
+    /// `WWW-Authenticate` header value for malformed requests, precomputed.
+    pub challenge_invalid_request: String,
+    /// Largest token response body the filter buffers.
+    pub max_token_response_bytes: usize,
+}
+
+/// Why a configuration was refused. Each variant names the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The plugin was given no configuration at all.
+    Missing,
+    /// The JSON did not parse or did not fit the schema (unknown field, wrong type...).
+    Syntax { message: String },
+    /// A field has a value outside what the filter accepts.
+    Invalid { field: String, reason: String },
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Missing => f.write_str("configuration: missing (token_paths is required)"),
+            Self::Syntax { message } => write!(f, "configuration: {message}"),
+            Self::Invalid { field, reason } => write!(f, "{field}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, ConfigError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError::Missing);
+        }
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax {
+            message: e.to_string(),
+        })?;
+        Self::try_from(raw)
+    }
+}
+
+fn check_path(field: &str, index: usize, path: &str) -> Result<(), ConfigError> {
+    let field = format!("{field}[{index}]");
+    if path.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if !path.starts_with('/') {
+        return Err(invalid(field, format!("{path:?} must start with '/'")));
+    }
+    if path.contains(['?', '#']) || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(invalid(
+            field,
+            format!(
+                "{path:?} must be a plain path (no query, fragment, space or control character)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// A realm is put inside a quoted-string; keep it to printable ASCII without quote or backslash.
+fn check_realm(realm: &str) -> Result<(), ConfigError> {
+    if realm.is_empty() || realm.len() > 128 {
+        return Err(invalid("realm", "must be 1 to 128 characters"));
+    }
+    if realm
+        .bytes()
+        .any(|b| !(b' '..=b'~').contains(&b) || b == b'"' || b == b'\\')
+    {
+        return Err(invalid(
+            "realm",
+            format!("{realm:?} must be printable ASCII without '\"' or '\\'"),
+        ));
+    }
+    Ok(())
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        if raw.token_paths.is_empty() {
+            return Err(invalid("token_paths", "must name at least one path"));
+        }
+        for (i, p) in raw.token_paths.iter().enumerate() {
+            check_path("token_paths", i, p)?;
+        }
+        for (i, p) in raw.public_prefixes.iter().enumerate() {
+            check_path("public_prefixes", i, p)?;
+            if let Some(t) = raw.token_paths.iter().find(|t| t.starts_with(p.as_str())) {
+                return Err(invalid(
+                    format!("public_prefixes[{i}]"),
+                    format!("{p:?} would make token path {t:?} public; token paths are handled on their own"),
+                ));
+            }
+        }
+        for (i, f) in raw.strip_response_fields.iter().enumerate() {
+            let field = format!("strip_response_fields[{i}]");
+            if f.is_empty() {
+                return Err(invalid(field, "must not be empty"));
+            }
+            if f == "access_token" {
+                return Err(invalid(
+                    field,
+                    "\"access_token\" cannot be stripped: it carries the signature",
+                ));
+            }
+        }
+        if raw.max_ttl_seconds == 0 || raw.max_ttl_seconds > 366 * 86_400 {
+            return Err(invalid(
+                "max_ttl_seconds",
+                format!(
+                    "must be between 1 and 31622400, got {}",
+                    raw.max_ttl_seconds
+                ),
+            ));
+        }
+        if raw.store_slots == 0 || raw.store_slots > MAX_STORE_SLOTS {
+            return Err(invalid(
+                "store_slots",
+                format!(
+                    "must be between 1 and {MAX_STORE_SLOTS}, got {}",
+                    raw.store_slots
+                ),
+            ));
+        }
+        if raw.slot_capacity == 0 || raw.slot_capacity > MAX_SLOT_CAPACITY {
+            return Err(invalid(
+                "slot_capacity",
+                format!(
+                    "must be between 1 and {MAX_SLOT_CAPACITY}, got {}",
+                    raw.slot_capacity
+                ),
+            ));
+        }
+        if raw.store_prefix.is_empty() || raw.store_prefix.len() > 256 {
+            return Err(invalid("store_prefix", "must be 1 to 256 characters"));
+        }
+        check_realm(&raw.realm)?;
+        if raw.max_token_response_bytes < 256
+            || raw.max_token_response_bytes > MAX_TOKEN_RESPONSE_BYTES
+        {
+            return Err(invalid(
+                "max_token_response_bytes",
+                format!(
+                    "must be between 256 and {MAX_TOKEN_RESPONSE_BYTES}, got {}",
+                    raw.max_token_response_bytes
+                ),
+            ));
+        }
+        let challenge = format!("Bearer realm=\"{}\"", raw.realm);
+        Ok(Self {
+            challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
+            challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
+            challenge,
+            token_paths: raw.token_paths,
+            public_prefixes: raw.public_prefixes,
+            full_jwt: raw.full_jwt,
+            strip_response_fields: raw.strip_response_fields,
+            max_ttl_seconds: raw.max_ttl_seconds,
+            store_slots: raw.store_slots,
+            slot_capacity: raw.slot_capacity,
+            store_prefix: raw.store_prefix,
+            max_token_response_bytes: raw.max_token_response_bytes,
+        })
+    }
+}
+
+/// What the filter does with a request, decided from its path alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// A token endpoint: its response is split.
+    TokenEndpoint,
+    /// A public prefix: passed through untouched.
+    Public,
+    /// Everything else: a valid token is required.
+    Protected,
+}
+
+impl Config {
+    /// Classifies a request by its `:path` (query string and fragment ignored).
+    pub fn route(&self, path: &[u8]) -> Route {
+        let end = path
+            .iter()
+            .position(|&b| b == b'?' || b == b'#')
+            .unwrap_or(path.len());
+        let path = path.get(..end).unwrap_or(path);
+        if self.token_paths.iter().any(|t| t.as_bytes() == path) {
+            Route::TokenEndpoint
+        } else if self
+            .public_prefixes
+            .iter()
+            .any(|p| path.starts_with(p.as_bytes()))
+        {
+            Route::Public
+        } else {
+            Route::Protected
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<Config, ConfigError> {
+        Config::from_json(json.as_bytes())
+    }
+
+    fn field_of(err: ConfigError) -> String {
+        match err {
+            ConfigError::Invalid { field, .. } => field,
+            other => panic!("expected an Invalid error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn parse_config_minimal_uses_defaults() {
+        let c = parse(r#"{"token_paths": ["/auth/token"]}"#).unwrap();
+        assert_eq!(c.token_paths, ["/auth/token"]);
+        assert_eq!(c.full_jwt, FullJwtPolicy::Reject);
+        assert_eq!(c.max_ttl_seconds, 86_400);
+        assert_eq!(c.store_slots, 65_536);
+        assert_eq!(c.slot_capacity, 8);
+        assert_eq!(c.store_prefix, "split-token/");
+        assert_eq!(c.challenge, "Bearer realm=\"split-token\"");
+        assert_eq!(
+            c.challenge_invalid_token,
+            "Bearer realm=\"split-token\", error=\"invalid_token\""
+        );
+    }
+
+    #[test]
+    fn parse_config_happy_path() {
+        let c = parse(
+            r#"{"token_paths": ["/auth/token", "/oauth/token"], "public_prefixes": ["/health"],
+                "full_jwt": "allow", "strip_response_fields": ["refresh_token"],
+                "max_ttl_seconds": 2, "store_slots": 16, "slot_capacity": 2,
+                "store_prefix": "st:", "realm": "api", "max_token_response_bytes": 4096}"#,
+        )
+        .unwrap();
+        assert_eq!(c.full_jwt, FullJwtPolicy::Allow);
+        assert_eq!(c.strip_response_fields, ["refresh_token"]);
+        assert_eq!(c.store_slots, 16);
+        assert_eq!(c.challenge, "Bearer realm=\"api\"");
+    }
+
+    #[test]
+    fn parse_config_invalid_data_names_the_field() {
+        let cases = [
+            (r#"{"token_paths": []}"#, "token_paths"),
+            (r#"{"token_paths": [""]}"#, "token_paths[0]"),
+            (r#"{"token_paths": ["/a", "b"]}"#, "token_paths[1]"),
+            (r#"{"token_paths": ["/a?x=1"]}"#, "token_paths[0]"),
+            (
+                r#"{"token_paths": ["/a"], "public_prefixes": ["/"]}"#,
+                "public_prefixes[0]",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "public_prefixes": [""]}"#,
+                "public_prefixes[0]",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "strip_response_fields": ["access_token"]}"#,
+                "strip_response_fields[0]",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "max_ttl_seconds": 0}"#,
+                "max_ttl_seconds",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "store_slots": 0}"#,
+                "store_slots",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "store_slots": 16777217}"#,
+                "store_slots",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "slot_capacity": 0}"#,
+                "slot_capacity",
+            ),
+            (
+                r#"{"token_paths": ["/a"], "store_prefix": ""}"#,
+                "store_prefix",
+            ),
+            (r#"{"token_paths": ["/a"], "realm": "a\"b"}"#, "realm"),
+            (
+                r#"{"token_paths": ["/a"], "max_token_response_bytes": 1}"#,
+                "max_token_response_bytes",
+            ),
+        ];
+        for (json, field) in cases {
+            let err = parse(json).unwrap_err();
+            assert!(err.to_string().starts_with(field), "{json}: {err}");
+            assert_eq!(field_of(err), field, "{json}");
+        }
+    }
+
+    #[test]
+    fn parse_config_syntax_errors_name_the_field() {
+        let err = parse(r#"{"token_paths": ["/a"], "store_slot": 3}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `store_slot`"),
+            "{err}"
+        );
+        let err = parse(r#"{"public_prefixes": []}"#).unwrap_err();
+        assert!(
+            err.to_string().contains("missing field `token_paths`"),
+            "{err}"
+        );
+        let err = parse(r#"{"token_paths": ["/a"], "full_jwt": "maybe"}"#).unwrap_err();
+        assert!(err.to_string().contains("maybe"), "{err}");
+        assert_eq!(parse("  ").unwrap_err(), ConfigError::Missing);
+    }
+
+    #[test]
+    fn route_ignores_query_and_matches_token_paths_exactly() {
+        let c =
+            parse(r#"{"token_paths": ["/auth/token"], "public_prefixes": ["/public/"]}"#).unwrap();
+        assert_eq!(c.route(b"/auth/token"), Route::TokenEndpoint);
+        assert_eq!(c.route(b"/auth/token?x=1"), Route::TokenEndpoint);
+        assert_eq!(c.route(b"/auth/token#f"), Route::TokenEndpoint);
+        assert_eq!(c.route(b"/auth/token/"), Route::Protected);
+        assert_eq!(c.route(b"/auth/tokens"), Route::Protected);
+        assert_eq!(c.route(b"/public/x?y"), Route::Public);
+        assert_eq!(c.route(b"/public"), Route::Protected);
+        assert_eq!(c.route(b"/api"), Route::Protected);
+    }
+}

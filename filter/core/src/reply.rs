@@ -1,0 +1,163 @@
+//! The one place where decisions become HTTP answers (RFC 6750 §3 for API requests).
+
+use crate::config::Config;
+use crate::request::Rejection;
+use crate::response::SplitError;
+use crate::stats::Counter;
+use crate::store::StoreError;
+
+/// A response the filter sends itself instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply<'a> {
+    pub status: u32,
+    /// `WWW-Authenticate`, for 401 and 400 answers to API requests.
+    pub www_authenticate: Option<&'a str>,
+    /// A small JSON object; never contains token material.
+    pub body: String,
+}
+
+impl LocalReply<'_> {
+    /// Headers every local reply carries.
+    pub const HEADERS: [(&'static str, &'static str); 2] = [
+        ("content-type", "application/json"),
+        ("cache-control", "no-store"),
+    ];
+}
+
+fn json(error: Option<&str>, description: &str) -> String {
+    let mut body = serde_json::Map::new();
+    if let Some(error) = error {
+        body.insert("error".into(), error.into());
+    }
+    body.insert("error_description".into(), description.into());
+    serde_json::Value::Object(body).to_string()
+}
+
+impl Rejection {
+    /// The answer to a rejected API request.
+    pub fn reply(self, config: &Config) -> LocalReply<'_> {
+        let invalid_token = |description: &str| LocalReply {
+            status: 401,
+            www_authenticate: Some(&config.challenge_invalid_token),
+            body: json(Some("invalid_token"), description),
+        };
+        match self {
+            // RFC 6750 §3.1: no error code when the request carried no credentials for us.
+            Self::MissingCredentials => LocalReply {
+                status: 401,
+                www_authenticate: Some(&config.challenge),
+                body: json(None, "a bearer token is required"),
+            },
+            Self::MultipleAuthorization => LocalReply {
+                status: 400,
+                www_authenticate: Some(&config.challenge_invalid_request),
+                body: json(
+                    Some("invalid_request"),
+                    "more than one Authorization header",
+                ),
+            },
+            Self::Malformed => invalid_token("the access token is malformed"),
+            Self::FullJwt => {
+                invalid_token("send the access token issued by this gateway, not a full JWT")
+            }
+            Self::Unknown => invalid_token("the access token is unknown"),
+            Self::Expired => invalid_token("the access token expired"),
+            Self::StoreUnavailable => LocalReply {
+                status: 503,
+                www_authenticate: None,
+                body: json(
+                    Some("temporarily_unavailable"),
+                    "the token store cannot be read",
+                ),
+            },
+        }
+    }
+
+    /// The counter a rejection moves.
+    pub fn counter(self) -> Counter {
+        match self {
+            Self::MissingCredentials => Counter::RejectedMissing,
+            Self::MultipleAuthorization => Counter::RejectedMultiple,
+            Self::Malformed => Counter::RejectedMalformed,
+            Self::FullJwt => Counter::RejectedFullJwt,
+            Self::Unknown => Counter::RejectedUnknown,
+            Self::Expired => Counter::RejectedExpired,
+            Self::StoreUnavailable => Counter::RejectedStoreUnavailable,
+        }
+    }
+}
+
+/// Why a token response failed closed.
+#[derive(Debug)]
+pub enum IssueFailure<'a> {
+    Split(&'a SplitError),
+    Store(&'a StoreError),
+}
+
+/// The 502 a client gets instead of a token the gateway could not split or store.
+pub fn issue_failure(failure: IssueFailure<'_>) -> LocalReply<'static> {
+    let description = match failure {
+        IssueFailure::Split(e) => format!("the gateway could not split the token response: {e}"),
+        IssueFailure::Store(_) => "the gateway could not store the token".to_owned(),
+    };
+    LocalReply {
+        status: 502,
+        www_authenticate: None,
+        body: json(Some("server_error"), &description),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        Config::from_json(br#"{"token_paths": ["/t"], "realm": "api"}"#).unwrap()
+    }
+
+    #[test]
+    fn missing_credentials_challenge_has_no_error_code() {
+        let c = config();
+        let r = Rejection::MissingCredentials.reply(&c);
+        assert_eq!(r.status, 401);
+        assert_eq!(r.www_authenticate, Some("Bearer realm=\"api\""));
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert!(body.get("error").is_none());
+    }
+
+    #[test]
+    fn statuses_and_codes_follow_rfc6750() {
+        let c = config();
+        let cases = [
+            (Rejection::MultipleAuthorization, 400, "invalid_request"),
+            (Rejection::Malformed, 401, "invalid_token"),
+            (Rejection::FullJwt, 401, "invalid_token"),
+            (Rejection::Unknown, 401, "invalid_token"),
+            (Rejection::Expired, 401, "invalid_token"),
+        ];
+        for (rejection, status, code) in cases {
+            let r = rejection.reply(&c);
+            assert_eq!(r.status, status, "{rejection:?}");
+            assert_eq!(
+                r.www_authenticate.unwrap(),
+                format!("Bearer realm=\"api\", error=\"{code}\"")
+            );
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(body["error"], code);
+        }
+        let r = Rejection::StoreUnavailable.reply(&c);
+        assert_eq!((r.status, r.www_authenticate), (503, None));
+    }
+
+    #[test]
+    fn issue_failures_are_oauth_shaped_502s() {
+        let r = issue_failure(IssueFailure::Split(&SplitError::NoAccessToken));
+        assert_eq!(r.status, 502);
+        let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["error"], "server_error");
+        assert!(body["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("no access_token"));
+    }
+}

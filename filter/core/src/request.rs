@@ -1,0 +1,267 @@
+//! API requests: parse `Authorization`, look the signature up, decide.
+
+use crate::config::{Config, FullJwtPolicy};
+use crate::stats::Counter;
+use crate::store::{find, Lookup, SharedData, Store, StoreError};
+use crate::token::Signature;
+
+/// What the client presented in `Authorization`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Credentials<'a> {
+    /// No header, or an empty one.
+    Absent,
+    /// A scheme other than Bearer (RFC 6750 §3.1: answer without an error code).
+    OtherScheme,
+    /// More than one value (Envoy joins repeated headers with a comma).
+    Multiple,
+    /// Bearer, but the token is empty or not base64url.
+    Malformed,
+    /// A full `header.payload.signature`.
+    FullJwt,
+    /// A signature, the only thing clients of this gateway hold.
+    Signature(Signature<'a>),
+}
+
+/// Parses an `Authorization` value: `Bearer <token>` (scheme case-insensitive) or a bare token.
+pub fn parse_authorization(value: Option<&[u8]>) -> Credentials<'_> {
+    let Some(value) = value.map(<[u8]>::trim_ascii) else {
+        return Credentials::Absent;
+    };
+    if value.is_empty() {
+        return Credentials::Absent;
+    }
+    if value.contains(&b',') {
+        return Credentials::Multiple;
+    }
+    let token = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+        Some(space) => {
+            let (scheme, rest) = value.split_at(space);
+            if !scheme.eq_ignore_ascii_case(b"bearer") {
+                return Credentials::OtherScheme;
+            }
+            rest.trim_ascii()
+        }
+        None if value.eq_ignore_ascii_case(b"bearer") => return Credentials::Malformed,
+        None => value,
+    };
+    let dots = token.iter().filter(|&&b| b == b'.').count();
+    if dots == 2 && token.split(|&b| b == b'.').all(crate::token::is_base64url) {
+        return Credentials::FullJwt;
+    }
+    Signature::parse(token).map_or(Credentials::Malformed, Credentials::Signature)
+}
+
+/// Why a request is refused before reaching an upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejection {
+    /// No credentials for this scheme on a protected path.
+    MissingCredentials,
+    /// More than one Authorization header.
+    MultipleAuthorization,
+    /// The token is not a well-formed signature.
+    Malformed,
+    /// A full JWT where a signature is expected.
+    FullJwt,
+    /// The signature is not in the store.
+    Unknown,
+    /// The signature's entry has expired.
+    Expired,
+    /// The store could not be read.
+    StoreUnavailable,
+}
+
+/// The decision for one API request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Replace Authorization with this value and continue.
+    Forward { authorization: String },
+    /// Continue without touching the request.
+    PassThrough,
+    /// Answer locally; the request never reaches an upstream.
+    Reject(Rejection),
+}
+
+impl Verdict {
+    /// The counter this decision moves.
+    pub fn counter(&self) -> Counter {
+        match self {
+            Self::Forward { .. } => Counter::LookupHit,
+            Self::PassThrough => Counter::FullJwtForwarded,
+            Self::Reject(r) => r.counter(),
+        }
+    }
+}
+
+/// Decides what happens to a request on a protected path.
+pub fn authorize<H: SharedData>(
+    config: &Config,
+    store: &Store<'_, H>,
+    authorization: Option<&[u8]>,
+    now: u64,
+) -> Result<Verdict, (Rejection, StoreError)> {
+    let signature = match parse_authorization(authorization) {
+        Credentials::Absent | Credentials::OtherScheme => {
+            return Ok(Verdict::Reject(Rejection::MissingCredentials))
+        }
+        Credentials::Multiple => return Ok(Verdict::Reject(Rejection::MultipleAuthorization)),
+        Credentials::Malformed => return Ok(Verdict::Reject(Rejection::Malformed)),
+        Credentials::FullJwt => {
+            return Ok(match config.full_jwt {
+                FullJwtPolicy::Allow => Verdict::PassThrough,
+                FullJwtPolicy::Reject => Verdict::Reject(Rejection::FullJwt),
+            })
+        }
+        Credentials::Signature(s) => s,
+    };
+    let key = signature.store_key();
+    let slot = store
+        .fetch_slot(&key)
+        .map_err(|e| (Rejection::StoreUnavailable, e))?;
+    Ok(match find(&slot, &key, now) {
+        Ok(Lookup::Hit { header_payload }) => {
+            let sig = signature.as_str();
+            let mut authorization =
+                String::with_capacity("Bearer ".len() + header_payload.len() + 1 + sig.len());
+            authorization.push_str("Bearer ");
+            // Entries are written from `&str`; a non-UTF-8 entry would be corruption.
+            match std::str::from_utf8(header_payload) {
+                Ok(hp) => authorization.push_str(hp),
+                Err(_) => return Ok(Verdict::Reject(Rejection::Unknown)),
+            }
+            authorization.push('.');
+            authorization.push_str(sig);
+            Verdict::Forward { authorization }
+        }
+        Ok(Lookup::Expired) => Verdict::Reject(Rejection::Expired),
+        Ok(Lookup::Miss) | Err(_) => Verdict::Reject(Rejection::Unknown),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::MemoryData;
+    use crate::store::Entry;
+    use crate::token::tests::JWT;
+
+    #[test]
+    fn parses_authorization_forms() {
+        let sig = |s: &'static [u8]| Credentials::Signature(Signature::parse(s).unwrap());
+        let cases: [(&[u8], Credentials<'_>); 16] = [
+            (b"Bearer abc", sig(b"abc")),
+            (b"bearer abc", sig(b"abc")),
+            (b"BEARER   abc  ", sig(b"abc")),
+            (b"Bearer\tabc", sig(b"abc")),
+            (b"abc-_", sig(b"abc-_")),
+            (b"", Credentials::Absent),
+            (b"   ", Credentials::Absent),
+            (b"Bearer", Credentials::Malformed),
+            (b"Bearer    ", Credentials::Malformed),
+            (b"Basic dXNlcjpwYXNz", Credentials::OtherScheme),
+            (b"DPoP abc", Credentials::OtherScheme),
+            (b"Bearer a,Bearer b", Credentials::Multiple),
+            (b"Bearer a b", Credentials::Malformed),
+            (b"Bearer a.b", Credentials::Malformed),
+            (b"Bearer x.y.z", Credentials::FullJwt),
+            (b"Bearer ..z", Credentials::Malformed),
+        ];
+        for (value, want) in cases {
+            assert_eq!(
+                parse_authorization(Some(value)),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(value)
+            );
+        }
+        assert_eq!(parse_authorization(None), Credentials::Absent);
+        assert_eq!(
+            parse_authorization(Some("Bearer é".as_bytes())),
+            Credentials::Malformed
+        );
+    }
+
+    fn setup(full_jwt: &str) -> (Config, MemoryData) {
+        let config = Config::from_json(
+            format!(r#"{{"token_paths": ["/t"], "full_jwt": "{full_jwt}", "store_slots": 8}}"#)
+                .as_bytes(),
+        )
+        .unwrap();
+        (config, MemoryData::default())
+    }
+
+    #[test]
+    fn known_signature_is_rebuilt_byte_identically() {
+        let (config, host) = setup("reject");
+        let store = Store::new(
+            &host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let (hp, sig) = JWT.rsplit_once('.').unwrap();
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        store
+            .put(
+                &Entry {
+                    key,
+                    expires_at: 100,
+                    header_payload: hp.as_bytes(),
+                },
+                0,
+            )
+            .unwrap();
+        let auth = format!("Bearer {sig}");
+        let verdict = authorize(&config, &store, Some(auth.as_bytes()), 10).unwrap();
+        assert_eq!(
+            verdict,
+            Verdict::Forward {
+                authorization: format!("Bearer {JWT}")
+            }
+        );
+        let bare = authorize(&config, &store, Some(sig.as_bytes()), 10).unwrap();
+        assert_eq!(bare, verdict);
+        let late = authorize(&config, &store, Some(auth.as_bytes()), 100).unwrap();
+        assert_eq!(late, Verdict::Reject(Rejection::Expired));
+    }
+
+    #[test]
+    fn rejections() {
+        let (config, host) = setup("reject");
+        let store = Store::new(
+            &host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let cases: [(Option<&[u8]>, Rejection); 6] = [
+            (None, Rejection::MissingCredentials),
+            (Some(b"Basic eA=="), Rejection::MissingCredentials),
+            (Some(b"Bearer unknown"), Rejection::Unknown),
+            (Some(b"Bearer a,Bearer b"), Rejection::MultipleAuthorization),
+            (Some(b"Bearer %%%"), Rejection::Malformed),
+            (Some(JWT.as_bytes()), Rejection::FullJwt),
+        ];
+        for (auth, want) in cases {
+            assert_eq!(
+                authorize(&config, &store, auth, 0).unwrap(),
+                Verdict::Reject(want)
+            );
+        }
+    }
+
+    #[test]
+    fn full_jwt_passes_through_when_allowed() {
+        let (config, host) = setup("allow");
+        let store = Store::new(
+            &host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let auth = format!("Bearer {JWT}");
+        assert_eq!(
+            authorize(&config, &store, Some(auth.as_bytes()), 0).unwrap(),
+            Verdict::PassThrough
+        );
+    }
+}

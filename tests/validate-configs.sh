@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# `envoy --mode validate` on every Envoy config the project ships. Validation loads the .wasm
+# and runs its on_configure, so a bad filter configuration fails here too.
+set -euo pipefail
+envoy=$1
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+wasm="$root/target/wasm32-wasip1/release/split_token_filter.wasm"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+for config in envoy/envoy.yaml envoy/compose/envoy.yaml envoy/examples/*.yaml; do
+  [ -f "$config" ] || continue
+  # Configs meant for containers name the .wasm by its in-container path.
+  sed "s#/etc/envoy/split_token_filter.wasm#$wasm#" "$config" > "$tmp/config.yaml"
+  if "$envoy" --mode validate -c "$tmp/config.yaml" -l error > "$tmp/out" 2>&1; then
+    echo "validate: $config OK"
+  else
+    cat "$tmp/out" >&2
+    echo "validate: $config FAILED" >&2
+    exit 1
+  fi
+done
