@@ -33,7 +33,7 @@ impl fmt::Display for JwsError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Structure { segments } => {
-                write!(f, "access_token has {segments} segments, a compact JWS has 3")
+                write!(f, "access_token is not a compact JWS: {segments} segment(s), not 3")
             }
             Self::Parse { reason } => write!(f, "access_token is not a compact JWS: {reason}"),
             Self::Claims { reason } => write!(f, "access_token payload: {reason}"),

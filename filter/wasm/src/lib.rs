@@ -327,10 +327,12 @@ impl HttpContext for SplitTokenHttp {
             }
             ResponseAction::Fail(e) => self.fail_closed(IssueFailure::Split(&e)),
             ResponseAction::Split => {
-                // The body changes length; the new length is set once it is known. Headers are
-                // held back so a failure can still become a 502 instead of the IdP's 200.
-                let _ =
-                    hostcalls::set_map_value(MapType::HttpResponseHeaders, "content-length", None);
+                // The body changes, so its length and validators go; the new length is set once
+                // known. Headers are held back (this needs `allow_on_headers_stop_iteration`) so a
+                // failure can still become a 502 instead of the IdP's 200.
+                for stale in ["content-length", "etag", "content-md5", "digest"] {
+                    let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, stale, None);
+                }
                 self.state = State::Buffering;
                 Action::Pause
             }

@@ -1,0 +1,137 @@
+"""Fixtures for the end-to-end suite: a real oauth2-mock-server, a real httpbin and real Envoys
+loading the built .wasm, all on free loopback ports. On a failing test the logs of every process
+the test used are printed (as envoyproxy/examples' verify-common.sh does)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import stack  # noqa: E402
+
+from helpers import Gateway  # noqa: E402
+
+RUN_ROOT = stack.ROOT / ".run" / "e2e"
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def httpbin_base64_path(body: dict | str) -> str:
+    """An httpbin path that answers 200 with exactly `body`."""
+    text = body if isinstance(body, str) else json.dumps(body)
+    return "/base64/" + base64.urlsafe_b64encode(text.encode()).decode()
+
+
+# A JWS-shaped token whose exp is long past: parseable, never splittable.
+EXPIRED_JWT = ".".join([
+    b64url(json.dumps({"alg": "RS256", "typ": "JWT"}).encode()),
+    b64url(json.dumps({"sub": "old", "exp": 1000}).encode()),
+    b64url(b"not-a-real-signature"),
+])
+
+# Token paths served by httpbin with 200 bodies the filter must refuse to split.
+BAD_TOKEN_ROUTES = {
+    "/bad/html": "/html",
+    "/bad/json": "/json",
+    "/bad/gzip": "/gzip",
+    "/bad/empty": "/status/200",
+    "/bad/bytes": "/bytes/70000",
+    "/bad/opaque": httpbin_base64_path({"access_token": "opaque-abc", "token_type": "Bearer"}),
+    "/bad/expired": httpbin_base64_path({"access_token": EXPIRED_JWT, "token_type": "Bearer"}),
+    "/bad/array": httpbin_base64_path("[1, 2, 3]"),
+}
+
+BASE_FILTER = {
+    "token_paths": ["/auth/token", *BAD_TOKEN_ROUTES],
+    "public_prefixes": ["/basic-protected-api/status/"],
+    "full_jwt": "reject",
+    "strip_response_fields": [],
+    "max_ttl_seconds": 86400,
+    "store_slots": 65536,
+}
+
+
+@pytest.fixture(scope="session")
+def run_dir() -> Path:
+    d = RUN_ROOT / time.strftime("%Y%m%d-%H%M%S")
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@pytest.fixture(scope="session")
+def idp(run_dir):
+    port = stack.free_port()
+    proc = stack.start_idp(port, run_dir)
+    proc.port = port
+    _procs.append(proc)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def httpbin(run_dir):
+    port = stack.free_port()
+    proc = stack.start_httpbin(port, run_dir)
+    proc.port = port
+    _procs.append(proc)
+    yield proc
+    proc.stop()
+
+
+_started: list = []
+_procs: list = []
+
+
+@pytest.fixture(scope="session")
+def start_gateway(run_dir, idp, httpbin):
+    """Starts an Envoy with the demo config, the given filter settings and options."""
+    counter = iter(range(1000))
+
+    def start(filter_config=None, *, concurrency=1, extra_routes=None, wait=True, log_level="info",
+              extra_args=None, name=None) -> Gateway:
+        routes = [
+            {"match": {"path": path}, "route": {"cluster": "httpbin", "prefix_rewrite": target}}
+            for path, target in BAD_TOKEN_ROUTES.items()
+        ] + (extra_routes or [])
+        config = stack.render_config(
+            listen_port=stack.free_port(), admin_port=stack.free_port(),
+            idp_port=idp.port, httpbin_port=httpbin.port,
+            filter_config=BASE_FILTER if filter_config is None else filter_config,
+            extra_routes=routes,
+        )
+        envoy = stack.Envoy(config, run_dir, name=name or f"envoy-{next(counter)}",
+                            concurrency=concurrency, log_level=log_level, extra_args=extra_args)
+        _started.append(envoy)
+        if wait:
+            envoy.wait_ready()
+        return Gateway(envoy, idp_port=idp.port)
+
+    yield start
+    for envoy in _started:
+        envoy.stop()
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway) -> Gateway:
+    """The shared gateway: demo config plus the bad token routes. Tests compare stat deltas."""
+    return start_gateway(name="envoy-shared")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" and report.failed:
+        for envoy in _started:
+            report.sections.append((f"{envoy.process.name} log (tail)", envoy.log()[-6000:]))
+        for proc in _procs:
+            report.sections.append((f"{proc.name} log (tail)", proc.output()[-3000:]))

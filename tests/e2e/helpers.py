@@ -1,0 +1,119 @@
+"""Helpers that make end-to-end failures readable."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+from dataclasses import dataclass
+
+import jwt
+import requests
+
+import stack
+
+PROTECTED = "/basic-protected-api/get"
+
+
+def b64url_decode(segment: str) -> bytes:
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def claims_of(token: str) -> dict:
+    return json.loads(b64url_decode(token.split(".")[1]))
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self) -> str:
+        return f"Reply({self.status}, {self.headers}, {self.body[:300]!r})"
+
+
+class Gateway:
+    """An Envoy running split-token, with the calls tests make against it."""
+
+    def __init__(self, envoy: stack.Envoy, idp_port: int):
+        self.envoy = envoy
+        self.idp_port = idp_port
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    def token_response(self, path: str = "/auth/token", session=None, **form) -> requests.Response:
+        data = {"grant_type": "client_credentials", "client_id": "e2e", "client_secret": "s"}
+        data.update(form)
+        return (session or requests).post(self.url + path, data=data, timeout=10)
+
+    def token(self, **form) -> str:
+        r = self.token_response(**form)
+        assert r.status_code == 200, r.text
+        return r.json()["access_token"]
+
+    def call(self, authorization: str | None = None, path: str = PROTECTED, session=None,
+             headers: dict | None = None) -> requests.Response:
+        h = dict(headers or {})
+        if authorization is not None:
+            h["Authorization"] = authorization
+        return (session or requests).get(self.url + path, headers=h, timeout=10)
+
+    def raw(self, method: str, path: str, headers: list[tuple[str, str]], body: bytes | None = None) -> Reply:
+        """One request with exactly these headers (repeats allowed), on a fresh connection."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.envoy.port, timeout=10)
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            if body is not None:
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body)
+            r = conn.getresponse()
+            return Reply(r.status, {k.lower(): v for k, v in r.getheaders()}, r.read())
+        finally:
+            conn.close()
+
+    def stats(self) -> dict[str, int]:
+        return self.envoy.stats()
+
+    def upstream_requests(self) -> int:
+        return self.envoy.stat("cluster.httpbin.upstream_rq_total")
+
+    def counter(self, name: str) -> int:
+        return self.envoy.stat(f"wasmcustom.split_token.{name}")
+
+    def jwks_client(self) -> jwt.PyJWKClient:
+        return jwt.PyJWKClient(f"http://127.0.0.1:{self.idp_port}/jwks")
+
+
+def forwarded_authorization(response: requests.Response) -> str | None:
+    """The Authorization header httpbin received, from its /get echo."""
+    assert response.status_code == 200, f"{response.status_code} {response.text[:300]}"
+    return response.json()["headers"].get("Authorization")
+
+
+class StatDelta:
+    """Counts how much stats moved across a block: `with StatDelta(gw) as d: ...; d["x"]`."""
+
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    def __enter__(self):
+        self.before = self.gateway.stats()
+        return self
+
+    def __exit__(self, *exc):
+        self.after = self.gateway.stats()
+        return False
+
+    def __getitem__(self, name: str) -> int:
+        return self.after.get(name, 0) - self.before.get(name, 0)
+
+    def split_token(self, name: str) -> int:
+        return self[f"wasmcustom.split_token.{name}"]
