@@ -132,6 +132,9 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         for envoy in _started:
-            report.sections.append((f"{envoy.process.name} log (tail)", envoy.log()[-6000:]))
+            # Start-up chatter (extension lists, header maps) hides what matters.
+            lines = [line for line in envoy.log().splitlines()
+                     if "][main]" not in line or "][info][main]" not in line]
+            report.sections.append((f"{envoy.process.name} log (tail)", "\n".join(lines)[-6000:]))
         for proc in _procs:
             report.sections.append((f"{proc.name} log (tail)", proc.output()[-3000:]))
