@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPS = ROOT / ".deps"
 ENVOY_BIN = DEPS / "venv" / "bin" / "envoy"
 GUNICORN_BIN = DEPS / "venv" / "bin" / "gunicorn"
-IDP_BIN = DEPS / "idp" / "node_modules" / ".bin" / "oauth2-mock-server"
+IDP_SCRIPT = ROOT / "tests" / "idp" / "server.js"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
@@ -67,7 +67,7 @@ class Process:
         self.name = name
         self.log = log
         log.parent.mkdir(parents=True, exist_ok=True)
-        self._out = open(log, "wb")
+        self._out = open(log, "ab")
         self.proc = subprocess.Popen(
             argv, cwd=cwd, stdout=self._out, stderr=subprocess.STDOUT, env=env,
             start_new_session=True,
@@ -96,11 +96,12 @@ class Process:
             return ""
 
 
-def start_idp(port: int, run_dir: Path, jwk: Path | None = None) -> Process:
-    argv = [str(IDP_BIN), "-a", "127.0.0.1", "-p", str(port)]
-    if jwk is not None:
-        argv += ["--jwk", str(jwk)]
-    p = Process("idp", argv, run_dir / f"idp-{port}.log")
+def start_idp(port: int, run_dir: Path, alg: str = "RS256") -> Process:
+    """oauth2-mock-server through tests/idp/server.js (adds sub/email/roles claims on request)."""
+    argv = ["node", str(IDP_SCRIPT), str(port), "--alg", alg]
+    log = run_dir / f"idp-{port}.log"
+    p = Process("idp", argv, log)
+    p.port = port
     wait_for("oauth2-mock-server", lambda: http_ok(f"http://127.0.0.1:{port}/jwks"), proc=p.proc)
     return p
 

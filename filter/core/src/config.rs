@@ -4,6 +4,8 @@
 //! field it is about (`store_slots: must be between 1 and 16777216, got 0`). Envoy hands the
 //! JSON to `on_configure`; an error there makes the filter refuse the configuration.
 
+use crate::claims::{check_header_name, ClaimHeader, ClaimPath};
+use crate::verify::{KeySet, Policy, DEFAULT_ALGORITHMS, SUPPORTED_ALGORITHMS};
 use serde::Deserialize;
 use std::fmt;
 
@@ -49,6 +51,46 @@ struct RawConfig {
     realm: String,
     #[serde(default = "defaults::max_token_response_bytes")]
     max_token_response_bytes: usize,
+    #[serde(default)]
+    verify: Option<RawVerify>,
+    #[serde(default)]
+    claims_to_headers: Vec<RawClaimHeader>,
+    #[serde(default = "defaults::forward_jwt")]
+    forward_jwt: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVerify {
+    #[serde(default)]
+    jwks: Option<serde_json::Value>,
+    #[serde(default)]
+    jwks_cluster: Option<String>,
+    #[serde(default)]
+    jwks_path: Option<String>,
+    #[serde(default)]
+    jwks_authority: Option<String>,
+    #[serde(default = "defaults::refresh_seconds")]
+    refresh_seconds: u64,
+    #[serde(default = "defaults::fetch_timeout_ms")]
+    fetch_timeout_ms: u64,
+    #[serde(default = "defaults::min_refetch_seconds")]
+    min_refetch_seconds: u64,
+    #[serde(default)]
+    algorithms: Option<Vec<String>>,
+    #[serde(default)]
+    issuer: Option<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    #[serde(default = "defaults::leeway_seconds")]
+    leeway_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaimHeader {
+    claim: String,
+    header: String,
 }
 
 mod defaults {
@@ -70,10 +112,49 @@ mod defaults {
     pub fn max_token_response_bytes() -> usize {
         64 * 1024
     }
+    pub fn forward_jwt() -> bool {
+        true
+    }
+    pub fn refresh_seconds() -> u64 {
+        300
+    }
+    pub fn fetch_timeout_ms() -> u64 {
+        5_000
+    }
+    pub fn min_refetch_seconds() -> u64 {
+        30
+    }
+    pub fn leeway_seconds() -> u64 {
+        60
+    }
+}
+
+/// Where verification keys come from.
+#[derive(Debug, Clone)]
+pub enum KeySource {
+    /// An inline JWKS, parsed at load.
+    Inline(KeySet),
+    /// Fetched through an Envoy cluster with `dispatch_http_call`.
+    Remote {
+        cluster: String,
+        /// The JWKS path; `None` means discover it from `/.well-known/openid-configuration`.
+        path: Option<String>,
+        authority: String,
+    },
+}
+
+/// The validated `verify` block.
+#[derive(Debug, Clone)]
+pub struct VerifyConfig {
+    pub source: KeySource,
+    pub policy: Policy,
+    pub refresh_seconds: u64,
+    pub fetch_timeout_ms: u64,
+    pub min_refetch_seconds: u64,
 }
 
 /// A validated filter configuration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Config {
     /// Exact request paths (query ignored) whose responses carry tokens to split.
     pub token_paths: Vec<String>,
@@ -99,6 +180,12 @@ pub struct Config {
     pub challenge_invalid_request: String,
     /// Largest token response body the filter buffers.
     pub max_token_response_bytes: usize,
+    /// Verification at issuance, when configured.
+    pub verify: Option<VerifyConfig>,
+    /// Claims projected into request headers.
+    pub claims_to_headers: Vec<ClaimHeader>,
+    /// Whether upstreams get the rebuilt JWT in `Authorization`.
+    pub forward_jwt: bool,
 }
 
 /// Why a configuration was refused. Each variant names the field at fault.
@@ -254,8 +341,13 @@ impl TryFrom<RawConfig> for Config {
                 ),
             ));
         }
+        let verify = raw.verify.map(verify_config).transpose()?;
+        let claims_to_headers = claim_headers(raw.claims_to_headers)?;
         let challenge = format!("Bearer realm=\"{}\"", raw.realm);
         Ok(Self {
+            verify,
+            claims_to_headers,
+            forward_jwt: raw.forward_jwt,
             challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
             challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
             challenge,
@@ -270,6 +362,127 @@ impl TryFrom<RawConfig> for Config {
             max_token_response_bytes: raw.max_token_response_bytes,
         })
     }
+}
+
+fn claim_headers(raw: Vec<RawClaimHeader>) -> Result<Vec<ClaimHeader>, ConfigError> {
+    let mut out: Vec<ClaimHeader> = Vec::with_capacity(raw.len());
+    for (i, m) in raw.into_iter().enumerate() {
+        let claim = ClaimPath::parse(&m.claim).ok_or_else(|| {
+            invalid(
+                format!("claims_to_headers[{i}].claim"),
+                format!("{:?} is not a dotted claim path", m.claim),
+            )
+        })?;
+        let header = check_header_name(&m.header)
+            .map_err(|reason| invalid(format!("claims_to_headers[{i}].header"), reason))?;
+        if out.iter().any(|c| c.header == header) {
+            return Err(invalid(
+                format!("claims_to_headers[{i}].header"),
+                format!("{header:?} is already mapped"),
+            ));
+        }
+        out.push(ClaimHeader { claim, header });
+    }
+    Ok(out)
+}
+
+fn verify_config(raw: RawVerify) -> Result<VerifyConfig, ConfigError> {
+    let source = match (raw.jwks, raw.jwks_cluster) {
+        (Some(jwks), None) => {
+            let keys = KeySet::parse(jwks.to_string().as_bytes(), true)
+                .map_err(|e| invalid("verify.jwks", e.to_string()))?;
+            KeySource::Inline(keys)
+        }
+        (None, Some(cluster)) => {
+            if cluster.is_empty() {
+                return Err(invalid("verify.jwks_cluster", "must not be empty"));
+            }
+            if let Some(path) = &raw.jwks_path {
+                if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+                    return Err(invalid(
+                        "verify.jwks_path",
+                        format!("{path:?} must be a path starting with '/'"),
+                    ));
+                }
+            }
+            KeySource::Remote {
+                authority: raw.jwks_authority.unwrap_or_else(|| cluster.clone()),
+                path: raw.jwks_path,
+                cluster,
+            }
+        }
+        _ => {
+            return Err(invalid(
+                "verify",
+                "set exactly one of jwks (inline keys) and jwks_cluster (fetched keys)",
+            ))
+        }
+    };
+    let algorithms = raw
+        .algorithms
+        .unwrap_or_else(|| DEFAULT_ALGORITHMS.iter().map(|a| (*a).to_owned()).collect());
+    if algorithms.is_empty() {
+        return Err(invalid(
+            "verify.algorithms",
+            "must name at least one algorithm",
+        ));
+    }
+    for (i, alg) in algorithms.iter().enumerate() {
+        let field = format!("verify.algorithms[{i}]");
+        if alg.eq_ignore_ascii_case("none") {
+            return Err(invalid(field, "\"none\" is never allowed"));
+        }
+        if !SUPPORTED_ALGORITHMS.contains(&alg.as_str()) {
+            return Err(invalid(
+                field,
+                format!("{alg:?} is not one of {}", SUPPORTED_ALGORITHMS.join(", ")),
+            ));
+        }
+        if alg.starts_with("HS") {
+            let has_secret = matches!(&source, KeySource::Inline(keys) if keys.has_symmetric());
+            if !has_secret {
+                return Err(invalid(
+                    field,
+                    format!("{alg} needs an inline jwks with an \"oct\" key"),
+                ));
+            }
+        }
+    }
+    if raw.refresh_seconds == 0 {
+        return Err(invalid("verify.refresh_seconds", "must be at least 1"));
+    }
+    if !(100..=60_000).contains(&raw.fetch_timeout_ms) {
+        return Err(invalid(
+            "verify.fetch_timeout_ms",
+            format!(
+                "must be between 100 and 60000, got {}",
+                raw.fetch_timeout_ms
+            ),
+        ));
+    }
+    if raw.leeway_seconds > 600 {
+        return Err(invalid("verify.leeway_seconds", "must be at most 600"));
+    }
+    for (i, a) in raw.audiences.iter().enumerate() {
+        if a.is_empty() {
+            return Err(invalid(
+                format!("verify.audiences[{i}]"),
+                "must not be empty",
+            ));
+        }
+    }
+    Ok(VerifyConfig {
+        source,
+        policy: Policy {
+            algorithms,
+            issuer: raw.issuer,
+            audiences: raw.audiences,
+            leeway_seconds: raw.leeway_seconds,
+        },
+        refresh_seconds: raw.refresh_seconds,
+        fetch_timeout_ms: raw.fetch_timeout_ms,
+        min_refetch_seconds: raw.min_refetch_seconds,
+    })
 }
 
 /// What the filter does with a request, decided from its path alone.
@@ -418,6 +631,35 @@ mod tests {
         let err = parse(r#"{"token_paths": ["/a"], "full_jwt": "maybe"}"#).unwrap_err();
         assert!(err.to_string().contains("maybe"), "{err}");
         assert_eq!(parse("  ").unwrap_err(), ConfigError::Missing);
+    }
+
+    #[test]
+    fn parse_verify_and_claims() {
+        let c = parse(
+            r#"{"token_paths": ["/a"], "forward_jwt": false,
+                "claims_to_headers": [{"claim": "realm_access.roles", "header": "X-User-Roles"}],
+                "verify": {"jwks_cluster": "idp", "issuer": "https://idp", "audiences": ["api"]}}"#,
+        )
+        .unwrap();
+        assert!(!c.forward_jwt);
+        assert_eq!(c.claims_to_headers[0].header, "x-user-roles");
+        let v = c.verify.unwrap();
+        assert!(matches!(
+            &v.source,
+            KeySource::Remote { cluster, path: None, authority } if cluster == "idp" && authority == "idp"
+        ));
+        assert_eq!(v.policy.algorithms, DEFAULT_ALGORITHMS);
+        assert_eq!(v.policy.issuer.as_deref(), Some("https://idp"));
+        let inline = parse(
+            r#"{"token_paths": ["/a"], "verify": {"algorithms": ["HS256"],
+                "jwks": {"keys": [{"kty": "oct", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"}]}}}"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            inline.verify.unwrap().source,
+            KeySource::Inline(_)
+        ));
+        assert!(parse(r#"{"token_paths": ["/a"]}"#).unwrap().forward_jwt);
     }
 
     #[test]

@@ -23,12 +23,15 @@
 //!   JWT; a request that cannot be authorized never reaches the upstream.
 #![forbid(unsafe_code)]
 
+pub mod claims;
 pub mod config;
+pub mod keys;
 pub mod reply;
 pub mod request;
 pub mod response;
 pub mod stats;
 pub mod store;
 pub mod token;
+pub mod verify;
 
 pub use config::{Config, ConfigError, Route};

@@ -1,10 +1,12 @@
 //! The one place where decisions become HTTP answers (RFC 6750 §3 for API requests).
 
 use crate::config::Config;
+use crate::keys::FetchError;
 use crate::request::Rejection;
 use crate::response::SplitError;
 use crate::stats::Counter;
 use crate::store::StoreError;
+use crate::verify::VerifyError;
 
 /// A response the filter sends itself instead of forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,10 @@ impl Rejection {
 pub enum IssueFailure<'a> {
     Split(&'a SplitError),
     Store(&'a StoreError),
+    /// The token did not verify against the IdP's keys.
+    Verify(&'a VerifyError),
+    /// No keys could be loaded to verify it.
+    Keys(&'a FetchError),
 }
 
 /// The 502 a client gets instead of a token the gateway could not split or store.
@@ -99,6 +105,8 @@ pub fn issue_failure(failure: IssueFailure<'_>) -> LocalReply<'static> {
     let description = match failure {
         IssueFailure::Split(e) => format!("the gateway could not split the token response: {e}"),
         IssueFailure::Store(_) => "the gateway could not store the token".to_owned(),
+        IssueFailure::Verify(e) => format!("the issued token failed verification: {e}"),
+        IssueFailure::Keys(_) => "the gateway could not load the signing keys".to_owned(),
     };
     LocalReply {
         status: 502,

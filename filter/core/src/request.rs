@@ -72,16 +72,22 @@ pub enum Rejection {
 
 /// The decision for one API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
-    /// Replace Authorization with this value and continue.
-    Forward { authorization: String },
+pub enum Verdict<'c> {
+    /// Continue with `Authorization` set to this value (removed when `None`, i.e.
+    /// `forward_jwt: false`) and these claim headers added.
+    Forward {
+        authorization: Option<String>,
+        claim_headers: Vec<(&'c str, String)>,
+        /// Claims not projected because their value had a control character.
+        unsafe_claims: u32,
+    },
     /// Continue without touching the request.
     PassThrough,
     /// Answer locally; the request never reaches an upstream.
     Reject(Rejection),
 }
 
-impl Verdict {
+impl Verdict<'_> {
     /// The counter this decision moves.
     pub fn counter(&self) -> Counter {
         match self {
@@ -93,12 +99,12 @@ impl Verdict {
 }
 
 /// Decides what happens to a request on a protected path.
-pub fn authorize<H: SharedData>(
-    config: &Config,
+pub fn authorize<'c, H: SharedData>(
+    config: &'c Config,
     store: &Store<'_, H>,
     authorization: Option<&[u8]>,
     now: u64,
-) -> Result<Verdict, (Rejection, StoreError)> {
+) -> Result<Verdict<'c>, (Rejection, StoreError)> {
     let signature = match parse_authorization(authorization) {
         Credentials::Absent | Credentials::OtherScheme => {
             return Ok(Verdict::Reject(Rejection::MissingCredentials))
@@ -119,6 +125,16 @@ pub fn authorize<H: SharedData>(
         .map_err(|e| (Rejection::StoreUnavailable, e))?;
     Ok(match find(&slot, &key, now) {
         Ok(Lookup::Hit { header_payload }) => {
+            let projection = crate::claims::project(header_payload, &config.claims_to_headers);
+            let claim_headers = projection.headers;
+            let unsafe_claims = projection.unsafe_dropped;
+            if !config.forward_jwt {
+                return Ok(Verdict::Forward {
+                    authorization: None,
+                    claim_headers,
+                    unsafe_claims,
+                });
+            }
             let sig = signature.as_str();
             let mut authorization =
                 String::with_capacity("Bearer ".len() + header_payload.len() + 1 + sig.len());
@@ -130,7 +146,11 @@ pub fn authorize<H: SharedData>(
             }
             authorization.push('.');
             authorization.push_str(sig);
-            Verdict::Forward { authorization }
+            Verdict::Forward {
+                authorization: Some(authorization),
+                claim_headers,
+                unsafe_claims,
+            }
         }
         Ok(Lookup::Expired) => Verdict::Reject(Rejection::Expired),
         Ok(Lookup::Miss) | Err(_) => Verdict::Reject(Rejection::Unknown),
@@ -215,7 +235,9 @@ mod tests {
         assert_eq!(
             verdict,
             Verdict::Forward {
-                authorization: format!("Bearer {JWT}")
+                authorization: Some(format!("Bearer {JWT}")),
+                claim_headers: vec![],
+                unsafe_claims: 0
             }
         );
         let bare = authorize(&config, &store, Some(sig.as_bytes()), 10).unwrap();
@@ -247,6 +269,47 @@ mod tests {
                 Verdict::Reject(want)
             );
         }
+    }
+
+    #[test]
+    fn claims_are_projected_and_forward_jwt_false_drops_authorization() {
+        let config = Config::from_json(
+            br#"{"token_paths": ["/t"], "forward_jwt": false, "store_slots": 8,
+                 "claims_to_headers": [{"claim": "sub", "header": "x-user-id"},
+                                       {"claim": "exp", "header": "x-exp"}]}"#,
+        )
+        .unwrap();
+        let host = MemoryData::default();
+        let store = Store::new(
+            &host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let (hp, sig) = JWT.rsplit_once('.').unwrap();
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        store
+            .put(
+                &Entry {
+                    key,
+                    expires_at: 100,
+                    header_payload: hp.as_bytes(),
+                },
+                0,
+            )
+            .unwrap();
+        let verdict = authorize(&config, &store, Some(sig.as_bytes()), 10).unwrap();
+        assert_eq!(
+            verdict,
+            Verdict::Forward {
+                authorization: None,
+                claim_headers: vec![
+                    ("x-user-id", "alice".into()),
+                    ("x-exp", "2000000000".into())
+                ],
+                unsafe_claims: 0
+            }
+        );
     }
 
     #[test]

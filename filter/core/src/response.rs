@@ -84,9 +84,15 @@ pub struct SplitPlan {
     /// When the entry expires, Unix seconds.
     pub expires_at: u64,
     header_payload: String,
+    signature: String,
 }
 
 impl SplitPlan {
+    /// The whole JWT, for verification. Never log it.
+    pub fn jwt(&self) -> String {
+        format!("{}.{}", self.header_payload, self.signature)
+    }
+
     /// The store entry for this token.
     pub fn entry(&self) -> Entry<'_> {
         Entry {
@@ -242,6 +248,7 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
         key: signature.store_key(),
         expires_at,
         header_payload: jws.header_payload().to_owned(),
+        signature: signature.as_str().to_owned(),
     })
 }
 
@@ -287,6 +294,7 @@ mod tests {
             JWT
         );
         assert_eq!(plan.expires_at, 1_000 + 3600);
+        assert_eq!(plan.jwt(), JWT);
     }
 
     #[test]

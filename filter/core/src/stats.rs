@@ -20,11 +20,15 @@ pub enum Counter {
     StoreCasRetries,
     StoreCorruptSlots,
     StoreWriteFailures,
+    VerifyFailed,
+    KeysFetched,
+    KeyFetchFailures,
+    ClaimsUnsafeDropped,
 }
 
 impl Counter {
     /// Every counter, in the order their metric ids are defined.
-    pub const ALL: [Counter; 17] = [
+    pub const ALL: [Counter; 21] = [
         Counter::TokensSplit,
         Counter::SplitFailures,
         Counter::TokenErrorsPassedThrough,
@@ -42,6 +46,10 @@ impl Counter {
         Counter::StoreCasRetries,
         Counter::StoreCorruptSlots,
         Counter::StoreWriteFailures,
+        Counter::VerifyFailed,
+        Counter::KeysFetched,
+        Counter::KeyFetchFailures,
+        Counter::ClaimsUnsafeDropped,
     ];
 
     /// The metric name as defined with the host.
@@ -64,6 +72,10 @@ impl Counter {
             Self::StoreCasRetries => "split_token.store.cas_retries",
             Self::StoreCorruptSlots => "split_token.store.corrupt_slots",
             Self::StoreWriteFailures => "split_token.store.write_failures",
+            Self::VerifyFailed => "split_token.verify.failed",
+            Self::KeysFetched => "split_token.keys.fetched",
+            Self::KeyFetchFailures => "split_token.keys.fetch_failures",
+            Self::ClaimsUnsafeDropped => "split_token.claims.unsafe_dropped",
         }
     }
 

@@ -8,14 +8,20 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use split_token_core::config::{KeySource, VerifyConfig};
+use split_token_core::keys::{
+    first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
+};
 use split_token_core::reply::{issue_failure, IssueFailure, LocalReply};
-use split_token_core::request::{authorize, Verdict};
-use split_token_core::response::{classify, split, ResponseAction, SplitError};
+use split_token_core::request::{authorize, Rejection, Verdict};
+use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use split_token_core::stats::Counter;
 use split_token_core::store::{HostStatus, SetError, SharedData, Store, StoreError};
+use split_token_core::verify::{verify, VerifyError};
 use split_token_core::{Config, Route};
+use std::cell::RefCell;
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -32,6 +38,44 @@ fn now() -> u64 {
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs())
+}
+
+/// Starts one GET of a key fetch through the configured cluster.
+fn dispatch_key_request(verify: &VerifyConfig, request: &KeyRequest) -> Result<u32, Status> {
+    let KeySource::Remote {
+        cluster, authority, ..
+    } = &verify.source
+    else {
+        return Err(Status::BadArgument);
+    };
+    hostcalls::dispatch_http_call(
+        cluster,
+        vec![
+            (":method", "GET"),
+            (":path", &request.path),
+            (":authority", authority),
+            ("accept", "application/json"),
+        ],
+        None,
+        vec![],
+        Duration::from_millis(verify.fetch_timeout_ms),
+    )
+}
+
+/// Reads a finished key fetch's answer and interprets it.
+fn key_response(request: &KeyRequest, num_headers: usize, body_size: usize) -> Outcome {
+    let status = if num_headers == 0 {
+        None
+    } else {
+        hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+    };
+    let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    on_response(request, status.as_deref(), &body)
 }
 
 /// Envoy shared data behind the core's store trait.
@@ -85,9 +129,79 @@ impl Metrics {
 struct SplitTokenRoot {
     config: Option<Rc<Config>>,
     metrics: Rc<Metrics>,
+    /// This worker's verification keys, shared with its HTTP contexts.
+    keys: Rc<RefCell<KeyState>>,
+    /// The periodic key fetch under way: its call token and request.
+    periodic: Option<(u32, KeyRequest)>,
 }
 
-impl Context for SplitTokenRoot {}
+impl SplitTokenRoot {
+    fn verify_config(&self) -> Option<&VerifyConfig> {
+        self.config.as_deref().and_then(|c| c.verify.as_ref())
+    }
+
+    fn start_periodic_fetch(&mut self, request: KeyRequest) {
+        let Some(verify) = self.verify_config() else {
+            return;
+        };
+        let now = now();
+        match dispatch_key_request(verify, &request) {
+            Ok(token) => {
+                let mut keys = self.keys.borrow_mut();
+                keys.periodic_in_flight = true;
+                keys.fetch_started_at = Some(now);
+                self.periodic = Some((token, request));
+            }
+            Err(status) => {
+                log(
+                    LogLevel::Warn,
+                    &format!("cannot start key fetch: {status:?}"),
+                );
+                self.metrics.bump(Counter::KeyFetchFailures);
+                self.keys.borrow_mut().failed(now);
+            }
+        }
+    }
+}
+
+impl Context for SplitTokenRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let Some((token, request)) = self.periodic.take() else {
+            return;
+        };
+        if token != token_id {
+            self.periodic = Some((token, request));
+            return;
+        }
+        self.keys.borrow_mut().periodic_in_flight = false;
+        let now = now();
+        match key_response(&request, num_headers, body_size) {
+            Outcome::Next(next) => self.start_periodic_fetch(next),
+            Outcome::Keys { keys, jwks_path } => {
+                self.metrics.bump(Counter::KeysFetched);
+                log(
+                    LogLevel::Info,
+                    &format!(
+                        "loaded {} verification key(s) from {jwks_path}",
+                        keys.keys.len()
+                    ),
+                );
+                self.keys.borrow_mut().loaded(keys, jwks_path, now);
+            }
+            Outcome::Failed(e) => {
+                self.metrics.bump(Counter::KeyFetchFailures);
+                log(LogLevel::Warn, &format!("key refresh failed: {e}"));
+                self.keys.borrow_mut().failed(now);
+            }
+        }
+    }
+}
 
 impl RootContext for SplitTokenRoot {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -99,6 +213,14 @@ impl RootContext for SplitTokenRoot {
             Ok(config) => {
                 if self.metrics.0.is_empty() {
                     self.metrics = Rc::new(Metrics::define());
+                }
+                if let Some(verify) = &config.verify {
+                    self.keys = Rc::new(RefCell::new(KeyState::new(verify)));
+                    self.periodic = None;
+                    if matches!(verify.source, KeySource::Remote { .. }) {
+                        // The first tick fetches the keys; later ticks refresh them when due.
+                        let _ = hostcalls::set_tick_period(Duration::from_secs(1));
+                    }
                 }
                 log(
                     LogLevel::Info,
@@ -119,13 +241,32 @@ impl RootContext for SplitTokenRoot {
         }
     }
 
+    fn on_tick(&mut self) {
+        let Some(verify) = self.verify_config() else {
+            return;
+        };
+        let request = {
+            let keys = self.keys.borrow();
+            if !keys.refresh_due(verify, now()) {
+                return;
+            }
+            first_request(&verify.source, keys.jwks_path.as_deref())
+        };
+        if let Some(request) = request {
+            self.start_periodic_fetch(request);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         let config = self.config.clone()?;
         Some(Box::new(SplitTokenHttp {
             config,
             metrics: Rc::clone(&self.metrics),
+            keys: Rc::clone(&self.keys),
             state: State::Request,
             body_size: 0,
+            pending: None,
+            refetched: false,
         }))
     }
 
@@ -142,6 +283,8 @@ enum State {
     TokenEndpoint,
     /// A 200 token response, headers held back, body buffering.
     Buffering,
+    /// A token response held while keys are fetched to verify it: the call token and request.
+    AwaitingKeys(u32),
     /// Decided; let everything else through.
     Done,
 }
@@ -149,8 +292,22 @@ enum State {
 struct SplitTokenHttp {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
+    keys: Rc<RefCell<KeyState>>,
     state: State,
     body_size: usize,
+    /// A split token waiting for keys, with the key request under way.
+    pending: Option<(SplitPlan, KeyRequest)>,
+    /// Keys were already fetched for this token: do not fetch again.
+    refetched: bool,
+}
+
+/// What verification at issuance decided.
+enum Check {
+    Verified,
+    /// Keys are being fetched; the response stays paused.
+    Wait(u32, KeyRequest),
+    Failed(VerifyError),
+    NoKeys(FetchError),
 }
 
 impl SplitTokenHttp {
@@ -186,6 +343,14 @@ impl SplitTokenHttp {
                 self.metrics.bump(Counter::StoreWriteFailures);
                 log(LogLevel::Warn, &format!("token not stored: {e}"));
             }
+            IssueFailure::Verify(e) => {
+                self.metrics.bump(Counter::VerifyFailed);
+                log(LogLevel::Warn, &format!("token not issued: {e}"));
+            }
+            IssueFailure::Keys(e) => {
+                self.metrics.bump(Counter::VerifyFailed);
+                log(LogLevel::Warn, &format!("token not issued, no keys: {e}"));
+            }
         }
         self.metrics.bump(Counter::SplitFailures);
         self.send(&issue_failure(failure));
@@ -218,23 +383,30 @@ impl SplitTokenHttp {
         };
         self.metrics.bump(verdict.counter());
         match verdict {
-            Verdict::Forward { authorization } => {
-                match hostcalls::set_map_value(
-                    MapType::HttpRequestHeaders,
-                    "authorization",
-                    Some(&authorization),
-                ) {
+            Verdict::Forward {
+                authorization,
+                claim_headers,
+                unsafe_claims,
+            } => {
+                self.metrics
+                    .add(Counter::ClaimsUnsafeDropped, unsafe_claims);
+                let headers = MapType::HttpRequestHeaders;
+                let applied =
+                    hostcalls::set_map_value(headers, "authorization", authorization.as_deref())
+                        .and_then(|()| {
+                            claim_headers.iter().try_for_each(|(name, value)| {
+                                hostcalls::set_map_value(headers, name, Some(value))
+                            })
+                        });
+                match applied {
                     Ok(()) => Action::Continue,
                     Err(status) => {
-                        // Fail closed: without the rebuilt header the upstream must not be called.
+                        // Fail closed: without the rebuilt headers the upstream must not be called.
                         log(
                             LogLevel::Error,
-                            &format!("cannot set authorization: {status:?}"),
+                            &format!("cannot rebuild the request: {status:?}"),
                         );
-                        self.send(
-                            &split_token_core::request::Rejection::StoreUnavailable
-                                .reply(&self.config),
-                        );
+                        self.send(&Rejection::StoreUnavailable.reply(&self.config));
                         Action::Pause
                     }
                 }
@@ -247,17 +419,77 @@ impl SplitTokenHttp {
         }
     }
 
-    /// The whole token response is buffered: split it, store the entry, replace the body.
+    /// The whole token response is buffered: split it, verify it, store it, replace the body.
     fn finish_split(&mut self) -> Action {
         let body = hostcalls::get_buffer(BufferType::HttpResponseBody, 0, self.body_size)
             .ok()
             .flatten()
             .unwrap_or_default();
-        let now = now();
-        let plan = match split(&self.config, &body, now) {
+        let plan = match split(&self.config, &body, now()) {
             Ok(plan) => plan,
             Err(e) => return self.fail_closed(IssueFailure::Split(&e)),
         };
+        self.verify_then_issue(plan)
+    }
+
+    fn verify_then_issue(&mut self, plan: SplitPlan) -> Action {
+        match self.check(&plan) {
+            Check::Verified => self.issue(&plan),
+            Check::Wait(token, request) => {
+                self.pending = Some((plan, request));
+                self.state = State::AwaitingKeys(token);
+                Action::Pause
+            }
+            Check::Failed(e) => self.fail_closed(IssueFailure::Verify(&e)),
+            Check::NoKeys(e) => self.fail_closed(IssueFailure::Keys(&e)),
+        }
+    }
+
+    /// Verifies the token when `verify` is configured, fetching keys when there are none yet or
+    /// the token names a `kid` the worker does not know (once per token, rate-limited).
+    fn check(&mut self, plan: &SplitPlan) -> Check {
+        let Some(verify_config) = self.config.verify.as_ref() else {
+            return Check::Verified;
+        };
+        let now = now();
+        let result = {
+            let keys = self.keys.borrow();
+            keys.keys
+                .as_ref()
+                .map(|k| verify(&plan.jwt(), k, &verify_config.policy, now))
+        };
+        let may_fetch = !self.refetched && self.keys.borrow().refetch_allowed(verify_config, now);
+        match result {
+            Some(Ok(())) => Check::Verified,
+            Some(Err(VerifyError::UnknownKid { .. })) if may_fetch => self.fetch_keys(now),
+            Some(Err(e)) => Check::Failed(e),
+            None if !self.refetched => self.fetch_keys(now),
+            None => Check::NoKeys(FetchError::NoResponse),
+        }
+    }
+
+    fn fetch_keys(&mut self, now: u64) -> Check {
+        let Some(verify_config) = self.config.verify.as_ref() else {
+            return Check::Verified;
+        };
+        self.refetched = true;
+        let request = {
+            let keys = self.keys.borrow();
+            first_request(&verify_config.source, keys.jwks_path.as_deref())
+        };
+        let Some(request) = request else {
+            return Check::NoKeys(FetchError::NoResponse);
+        };
+        self.keys.borrow_mut().fetch_started_at = Some(now);
+        match dispatch_key_request(verify_config, &request) {
+            Ok(token) => Check::Wait(token, request),
+            Err(_) => Check::NoKeys(FetchError::NoResponse),
+        }
+    }
+
+    /// Stores the entry, then replaces the body: the client can use its token at once.
+    fn issue(&mut self, plan: &SplitPlan) -> Action {
+        let now = now();
         let report = match self.store().put(&plan.entry(), now) {
             Ok(report) => report,
             Err(e) => return self.fail_closed(IssueFailure::Store(&e)),
@@ -292,10 +524,65 @@ impl SplitTokenHttp {
     }
 }
 
-impl Context for SplitTokenHttp {}
+impl Context for SplitTokenHttp {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if self.state != State::AwaitingKeys(token_id) {
+            return;
+        }
+        let Some((plan, request)) = self.pending.take() else {
+            return;
+        };
+        let now = now();
+        let action = match key_response(&request, num_headers, body_size) {
+            Outcome::Next(next) => match self
+                .config
+                .verify
+                .as_ref()
+                .map(|v| dispatch_key_request(v, &next))
+            {
+                Some(Ok(token)) => {
+                    self.pending = Some((plan, next));
+                    self.state = State::AwaitingKeys(token);
+                    return;
+                }
+                _ => self.fail_closed(IssueFailure::Keys(&FetchError::NoResponse)),
+            },
+            Outcome::Keys { keys, jwks_path } => {
+                self.metrics.bump(Counter::KeysFetched);
+                self.keys.borrow_mut().loaded(keys, jwks_path, now);
+                self.verify_then_issue(plan)
+            }
+            Outcome::Failed(e) => {
+                self.metrics.bump(Counter::KeyFetchFailures);
+                log(LogLevel::Warn, &format!("key fetch failed: {e}"));
+                // Older keys, if any, still decide; without keys the token cannot be issued.
+                if self.keys.borrow().keys.is_some() {
+                    self.verify_then_issue(plan)
+                } else {
+                    self.fail_closed(IssueFailure::Keys(&e))
+                }
+            }
+        };
+        if action == Action::Continue {
+            let _ = hostcalls::resume_http_response();
+        }
+    }
+}
 
 impl HttpContext for SplitTokenHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        // Identity headers come from verified claims only: whatever a client sent under those
+        // names is removed first, on every path and in every outcome. Envoy matches header names
+        // case-insensitively and removes every instance.
+        for mapping in &self.config.claims_to_headers {
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &mapping.header, None);
+        }
         let path = self.request_header(":path").unwrap_or_default();
         match self.config.route(&path) {
             Route::TokenEndpoint => {

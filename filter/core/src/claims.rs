@@ -1,0 +1,257 @@
+//! Claims to headers: project chosen claims of the stored JWT into request headers.
+//!
+//! Paths (`realm_access.roles`) and header names are compiled at configuration load. On each
+//! request the payload is decoded once and every configured claim is rendered:
+//! strings as they are, numbers and booleans in JSON form, arrays of scalars joined with `,`,
+//! anything else as compact JSON. A value with a control character is never emitted.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use serde_json::Value;
+use std::fmt;
+
+/// A dotted claim path, split at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimPath(Vec<String>);
+
+impl ClaimPath {
+    /// Parses `a.b.c`; every segment must be non-empty.
+    pub fn parse(path: &str) -> Option<Self> {
+        let segments: Vec<String> = path.split('.').map(str::to_owned).collect();
+        if segments.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(Self(segments))
+    }
+
+    /// The value at this path, if every segment exists.
+    pub fn find<'v>(&self, claims: &'v Value) -> Option<&'v Value> {
+        self.0
+            .iter()
+            .try_fold(claims, |value, segment| value.as_object()?.get(segment))
+    }
+}
+
+impl fmt::Display for ClaimPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("."))
+    }
+}
+
+/// One `claim -> header` mapping, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimHeader {
+    pub claim: ClaimPath,
+    /// Lower-case header name.
+    pub header: String,
+}
+
+/// Headers a claim may never be projected into: framing, routing and the credential itself.
+const RESERVED_HEADERS: [&str; 10] = [
+    "authorization",
+    "host",
+    "content-length",
+    "content-type",
+    "transfer-encoding",
+    "connection",
+    "te",
+    "upgrade",
+    "keep-alive",
+    "proxy-authorization",
+];
+
+/// Why a header name is refused.
+pub fn check_header_name(name: &str) -> Result<String, String> {
+    let lower = name.to_ascii_lowercase();
+    let is_tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if lower.is_empty() || !lower.bytes().all(is_tchar) {
+        return Err(format!("{name:?} is not a valid header name"));
+    }
+    if RESERVED_HEADERS.contains(&lower.as_str()) || lower.starts_with("x-envoy-") {
+        return Err(format!("{name:?} is reserved and cannot carry a claim"));
+    }
+    Ok(lower)
+}
+
+/// Renders a claim value as a header value, or `None` when it has no header form (null) or
+/// would be unsafe (a control character).
+pub fn render(value: &Value) -> Rendered {
+    let text = match value {
+        Value::Null => return Rendered::Absent,
+        Value::String(s) => s.clone(),
+        Value::Number(_) | Value::Bool(_) => value.to_string(),
+        Value::Array(items) if items.iter().all(is_scalar) => {
+            let mut out = String::new();
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                match item {
+                    Value::String(s) => out.push_str(s),
+                    other => out.push_str(&other.to_string()),
+                }
+            }
+            out
+        }
+        Value::Array(_) | Value::Object(_) => value.to_string(),
+    };
+    if text.chars().any(|c| c.is_control()) {
+        Rendered::Unsafe
+    } else {
+        Rendered::Value(text)
+    }
+}
+
+fn is_scalar(v: &Value) -> bool {
+    matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+}
+
+/// The outcome of rendering one claim.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rendered {
+    Value(String),
+    /// Missing or null: no header.
+    Absent,
+    /// Has a control character: dropped and counted.
+    Unsafe,
+}
+
+/// The headers to add for one request.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Projection<'c> {
+    pub headers: Vec<(&'c str, String)>,
+    /// Claims dropped because their value had a control character.
+    pub unsafe_dropped: u32,
+}
+
+/// Decodes the payload segment of `header.payload` and renders every mapping. A payload that
+/// does not decode projects nothing (the stored token came from a verified or at least parsed
+/// JWS, so this is corruption, not input).
+pub fn project<'c>(header_payload: &[u8], mappings: &'c [ClaimHeader]) -> Projection<'c> {
+    let mut projection = Projection::default();
+    if mappings.is_empty() {
+        return projection;
+    }
+    let Some(payload) = header_payload
+        .iter()
+        .position(|&b| b == b'.')
+        .and_then(|dot| header_payload.get(dot + 1..))
+    else {
+        return projection;
+    };
+    let Ok(json) = URL_SAFE_NO_PAD.decode(payload) else {
+        return projection;
+    };
+    let Ok(claims) = serde_json::from_slice::<Value>(&json) else {
+        return projection;
+    };
+    for mapping in mappings {
+        match mapping.claim.find(&claims).map_or(Rendered::Absent, render) {
+            Rendered::Value(v) => projection.headers.push((&mapping.header, v)),
+            Rendered::Absent => {}
+            Rendered::Unsafe => projection.unsafe_dropped += 1,
+        }
+    }
+    projection
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    fn mapping(claim: &str, header: &str) -> ClaimHeader {
+        ClaimHeader {
+            claim: ClaimPath::parse(claim).unwrap(),
+            header: check_header_name(header).unwrap(),
+        }
+    }
+
+    #[test]
+    fn claim_paths_walk_objects() {
+        let claims = json!({"sub": "a", "realm_access": {"roles": ["x"]}, "n": {"m": null}});
+        let p = ClaimPath::parse("realm_access.roles").unwrap();
+        assert_eq!(p.find(&claims), Some(&json!(["x"])));
+        assert_eq!(
+            ClaimPath::parse("realm_access.none").unwrap().find(&claims),
+            None
+        );
+        assert_eq!(ClaimPath::parse("sub.x").unwrap().find(&claims), None);
+        assert_eq!(p.to_string(), "realm_access.roles");
+        for bad in ["", ".", "a.", ".a", "a..b"] {
+            assert!(ClaimPath::parse(bad).is_none(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn rendering_follows_the_documented_forms() {
+        let cases = [
+            (json!("alice"), Rendered::Value("alice".into())),
+            (json!(42), Rendered::Value("42".into())),
+            (json!(1.5), Rendered::Value("1.5".into())),
+            (json!(true), Rendered::Value("true".into())),
+            (
+                json!(["user", "admin"]),
+                Rendered::Value("user,admin".into()),
+            ),
+            (json!([1, "a", false]), Rendered::Value("1,a,false".into())),
+            (json!([]), Rendered::Value(String::new())),
+            (json!({"a": 1}), Rendered::Value(r#"{"a":1}"#.into())),
+            (json!([{"a": 1}]), Rendered::Value(r#"[{"a":1}]"#.into())),
+            (json!(null), Rendered::Absent),
+            (json!("a\r\nx-admin: 1"), Rendered::Unsafe),
+            (json!("nul\u{0}"), Rendered::Unsafe),
+            (json!(["ok", "bad\n"]), Rendered::Unsafe),
+        ];
+        for (value, want) in cases {
+            assert_eq!(render(&value), want, "{value}");
+        }
+    }
+
+    #[test]
+    fn header_names_are_validated_and_lowercased() {
+        assert_eq!(check_header_name("X-User-Id").unwrap(), "x-user-id");
+        for bad in [
+            "",
+            "x user",
+            "x:y",
+            ":path",
+            "x\n",
+            "Authorization",
+            "host",
+            "x-envoy-internal",
+        ] {
+            assert!(check_header_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn project_renders_each_mapping_from_the_stored_payload() {
+        let payload = json!({"sub": "alice", "email": "a@x.io", "realm_access": {"roles": ["user", "admin"]},
+                             "evil": "x\r\ny"});
+        let hp = format!("{}.{}", b64(&json!({"alg": "RS256"})), b64(&payload));
+        let mappings = [
+            mapping("sub", "x-user-id"),
+            mapping("realm_access.roles", "x-user-roles"),
+            mapping("email", "x-user-email"),
+            mapping("missing", "x-missing"),
+            mapping("evil", "x-evil"),
+        ];
+        let p = project(hp.as_bytes(), &mappings);
+        assert_eq!(
+            p.headers,
+            [
+                ("x-user-id", "alice".to_owned()),
+                ("x-user-roles", "user,admin".to_owned()),
+                ("x-user-email", "a@x.io".to_owned()),
+            ]
+        );
+        assert_eq!(p.unsafe_dropped, 1);
+        assert_eq!(project(b"garbage", &mappings), Projection::default());
+        assert_eq!(project(hp.as_bytes(), &[]), Projection::default());
+    }
+}
