@@ -160,6 +160,9 @@ def render_config(
     if filter_config is not None:
         value = filter_config if isinstance(filter_config, str) else json.dumps(filter_config)
         wasm["configuration"]["value"] = value
+    # The demo's issuer names the demo IdP's port.
+    wasm["configuration"]["value"] = wasm["configuration"]["value"].replace(
+        "localhost:8180", f"localhost:{idp_port}")
     if extra_routes:
         routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
         routes[:0] = extra_routes

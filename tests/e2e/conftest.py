@@ -52,7 +52,7 @@ BAD_TOKEN_ROUTES = {
 
 BASE_FILTER = {
     "token_paths": ["/auth/token", *BAD_TOKEN_ROUTES],
-    "public_prefixes": ["/basic-protected-api/status/"],
+    "public_prefixes": ["/basic-protected-api/status/", "/public/"],
     "full_jwt": "reject",
     "strip_response_fields": [],
     "max_ttl_seconds": 86400,
@@ -97,14 +97,18 @@ def start_gateway(run_dir, idp, httpbin):
     counter = iter(range(1000))
 
     def start(filter_config=None, *, concurrency=1, extra_routes=None, wait=True, log_level="info",
-              extra_args=None, name=None) -> Gateway:
+              extra_args=None, name=None, idp_port=None) -> Gateway:
         routes = [
             {"match": {"path": path}, "route": {"cluster": "httpbin", "prefix_rewrite": target}}
             for path, target in BAD_TOKEN_ROUTES.items()
+        ] + [
+            # An echoing public path, to see what a request without a token carries upstream.
+            {"match": {"prefix": "/public/"}, "route": {"cluster": "httpbin", "prefix_rewrite": "/anything/"}},
         ] + (extra_routes or [])
+        idp_port = idp_port or idp.port
         config = stack.render_config(
             listen_port=stack.free_port(), admin_port=stack.free_port(),
-            idp_port=idp.port, httpbin_port=httpbin.port,
+            idp_port=idp_port, httpbin_port=httpbin.port,
             filter_config=BASE_FILTER if filter_config is None else filter_config,
             extra_routes=routes,
         )
@@ -113,7 +117,7 @@ def start_gateway(run_dir, idp, httpbin):
         _started.append(envoy)
         if wait:
             envoy.wait_ready()
-        return Gateway(envoy, idp_port=idp.port)
+        return Gateway(envoy, idp_port=idp_port)
 
     yield start
     for envoy in _started:
