@@ -253,11 +253,20 @@ split-token demo is running (logs in {run_dir.relative_to(ROOT)}/):
         | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
    curl -s http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer $TOKEN"
 
-3. Anything else is refused before it reaches httpbin:
+3. Identity translation: claims become headers, client-sent identity headers never arrive,
+   and Envoy's RBAC admits /basic-protected-api/admin only to the admin role:
+
+   TOKEN=$(curl -s -X POST http://127.0.0.1:8080/auth/token -d grant_type=client_credentials \\
+        -d sub=alice -d roles=user,admin -d email=alice@example.com \\
+        | python3 -c 'import json,sys; print(json.load(sys.stdin)["access_token"])')
+   curl -s http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer $TOKEN" -H "X-User-Id: mallory"
+   curl -s http://127.0.0.1:8080/basic-protected-api/admin -H "Authorization: Bearer $TOKEN"
+
+4. Anything else is refused before it reaches httpbin:
 
    curl -si http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer nope"
 
-4. The filter's counters:
+5. The filter's counters:
 
    curl -s http://127.0.0.1:9901/stats | grep split_token
 
