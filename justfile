@@ -38,3 +38,8 @@ e2e *args: deps build
 
 # Everything CI runs
 test: lint unit e2e
+
+# Hot-path cost of claim projection: token hits with 0 vs 3 claim headers (h2load, medians)
+bench-claims *args: deps build
+    command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+    {{venv}}/bin/python tests/bench/claims_cost.py {{args}}
