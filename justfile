@@ -43,3 +43,8 @@ test: lint unit e2e
 bench-claims *args: deps build
     command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
     {{venv}}/bin/python tests/bench/claims_cost.py {{args}}
+
+# Throughput and latency vs bare Envoy and jwt_authn, issuance cost; writes docs/benchmarks.md (--quick: smoke run)
+bench *args: deps build
+    command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+    {{venv}}/bin/python tests/bench/bench.py {{args}}

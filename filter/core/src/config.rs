@@ -14,6 +14,8 @@ use std::fmt;
 pub const MAX_STORE_SLOTS: u32 = 1 << 24;
 /// Upper bound for `slot_capacity`: a slot is copied whole on every lookup, so it must stay small.
 pub const MAX_SLOT_CAPACITY: u16 = 64;
+/// Upper bound for `local_cache_entries`, per worker.
+pub const MAX_LOCAL_CACHE_ENTRIES: usize = 1_000_000;
 /// Upper bound for `max_token_response_bytes`; Envoy's own buffer limit (1 MiB by default)
 /// usually bites first.
 pub const MAX_TOKEN_RESPONSE_BYTES: usize = 16 << 20;
@@ -57,6 +59,8 @@ struct RawConfig {
     claims_to_headers: Vec<RawClaimHeader>,
     #[serde(default = "defaults::forward_jwt")]
     forward_jwt: bool,
+    #[serde(default = "defaults::local_cache_entries")]
+    local_cache_entries: usize,
 }
 
 #[derive(Debug, Deserialize)]
@@ -114,6 +118,9 @@ mod defaults {
     }
     pub fn forward_jwt() -> bool {
         true
+    }
+    pub fn local_cache_entries() -> usize {
+        4096
     }
     pub fn refresh_seconds() -> u64 {
         300
@@ -186,6 +193,8 @@ pub struct Config {
     pub claims_to_headers: Vec<ClaimHeader>,
     /// Whether upstreams get the rebuilt JWT in `Authorization`.
     pub forward_jwt: bool,
+    /// Rebuilt requests each worker keeps for repeat hits (0: none).
+    pub local_cache_entries: usize,
 }
 
 /// Why a configuration was refused. Each variant names the field at fault.
@@ -341,6 +350,15 @@ impl TryFrom<RawConfig> for Config {
                 ),
             ));
         }
+        if raw.local_cache_entries > MAX_LOCAL_CACHE_ENTRIES {
+            return Err(invalid(
+                "local_cache_entries",
+                format!(
+                    "must be at most {MAX_LOCAL_CACHE_ENTRIES}, got {}",
+                    raw.local_cache_entries
+                ),
+            ));
+        }
         let verify = raw.verify.map(verify_config).transpose()?;
         let claims_to_headers = claim_headers(raw.claims_to_headers)?;
         let challenge = format!("Bearer realm=\"{}\"", raw.realm);
@@ -348,6 +366,7 @@ impl TryFrom<RawConfig> for Config {
             verify,
             claims_to_headers,
             forward_jwt: raw.forward_jwt,
+            local_cache_entries: raw.local_cache_entries,
             challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
             challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
             challenge,

@@ -174,7 +174,7 @@ impl KeyState {
         matches!(config.source, KeySource::Remote { .. })
             && !self.periodic_in_flight
             && now >= self.next_attempt_at
-            && (self.keys.is_none() || now >= self.loaded_at + config.refresh_seconds)
+            && (self.keys.is_none() || now >= self.loaded_at.saturating_add(config.refresh_seconds))
     }
 
     /// Whether an on-demand fetch (unknown `kid`) is allowed now: at most one per
@@ -183,7 +183,7 @@ impl KeyState {
         matches!(config.source, KeySource::Remote { .. })
             && self
                 .fetch_started_at
-                .is_none_or(|t| now >= t + config.min_refetch_seconds)
+                .is_none_or(|t| now >= t.saturating_add(config.min_refetch_seconds))
     }
 
     /// Seconds a failed periodic fetch waits before the next try.
@@ -191,7 +191,7 @@ impl KeyState {
 
     /// Records a failed fetch: the periodic refresh backs off.
     pub fn failed(&mut self, now: u64) {
-        self.next_attempt_at = now + Self::RETRY_SECONDS;
+        self.next_attempt_at = now.saturating_add(Self::RETRY_SECONDS);
     }
 
     pub fn loaded(&mut self, keys: KeySet, jwks_path: String, now: u64) {

@@ -23,6 +23,7 @@
 //!   JWT; a request that cannot be authorized never reaches the upstream.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod claims;
 pub mod config;
 pub mod keys;

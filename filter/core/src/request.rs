@@ -1,9 +1,11 @@
 //! API requests: parse `Authorization`, look the signature up, decide.
 
+use crate::cache::{Forward, LocalCache};
 use crate::config::{Config, FullJwtPolicy};
 use crate::stats::Counter;
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::Signature;
+use std::rc::Rc;
 
 /// What the client presented in `Authorization`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -72,39 +74,35 @@ pub enum Rejection {
 
 /// The decision for one API request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict<'c> {
-    /// Continue with `Authorization` set to this value (removed when `None`, i.e.
-    /// `forward_jwt: false`) and these claim headers added.
-    Forward {
-        authorization: Option<String>,
-        claim_headers: Vec<(&'c str, String)>,
-        /// Claims not projected because their value had a control character.
-        unsafe_claims: u32,
-    },
+pub enum Verdict {
+    /// Continue with the rebuilt `Authorization` and claim headers.
+    Forward(Rc<Forward>),
     /// Continue without touching the request.
     PassThrough,
     /// Answer locally; the request never reaches an upstream.
     Reject(Rejection),
 }
 
-impl Verdict<'_> {
+impl Verdict {
     /// The counter this decision moves.
     pub fn counter(&self) -> Counter {
         match self {
-            Self::Forward { .. } => Counter::LookupHit,
+            Self::Forward(_) => Counter::LookupHit,
             Self::PassThrough => Counter::FullJwtForwarded,
             Self::Reject(r) => r.counter(),
         }
     }
 }
 
-/// Decides what happens to a request on a protected path.
-pub fn authorize<'c, H: SharedData>(
-    config: &'c Config,
+/// Decides what happens to a request on a protected path: the worker's cache first, then the
+/// shared store.
+pub fn authorize<H: SharedData>(
+    config: &Config,
     store: &Store<'_, H>,
+    cache: &mut LocalCache,
     authorization: Option<&[u8]>,
     now: u64,
-) -> Result<Verdict<'c>, (Rejection, StoreError)> {
+) -> Result<Verdict, (Rejection, StoreError)> {
     let signature = match parse_authorization(authorization) {
         Credentials::Absent | Credentials::OtherScheme => {
             return Ok(Verdict::Reject(Rejection::MissingCredentials))
@@ -120,41 +118,42 @@ pub fn authorize<'c, H: SharedData>(
         Credentials::Signature(s) => s,
     };
     let key = signature.store_key();
+    if let Some(forward) = cache.get(&key, now) {
+        return Ok(Verdict::Forward(forward));
+    }
     let slot = store
         .fetch_slot(&key)
         .map_err(|e| (Rejection::StoreUnavailable, e))?;
-    Ok(match find(&slot, &key, now) {
-        Ok(Lookup::Hit { header_payload }) => {
-            let projection = crate::claims::project(header_payload, &config.claims_to_headers);
-            let claim_headers = projection.headers;
-            let unsafe_claims = projection.unsafe_dropped;
-            if !config.forward_jwt {
-                return Ok(Verdict::Forward {
-                    authorization: None,
-                    claim_headers,
-                    unsafe_claims,
-                });
-            }
-            let sig = signature.as_str();
-            let mut authorization =
-                String::with_capacity("Bearer ".len() + header_payload.len() + 1 + sig.len());
-            authorization.push_str("Bearer ");
-            // Entries are written from `&str`; a non-UTF-8 entry would be corruption.
-            match std::str::from_utf8(header_payload) {
-                Ok(hp) => authorization.push_str(hp),
-                Err(_) => return Ok(Verdict::Reject(Rejection::Unknown)),
-            }
-            authorization.push('.');
-            authorization.push_str(sig);
-            Verdict::Forward {
-                authorization: Some(authorization),
-                claim_headers,
-                unsafe_claims,
-            }
-        }
-        Ok(Lookup::Expired) => Verdict::Reject(Rejection::Expired),
-        Ok(Lookup::Miss) | Err(_) => Verdict::Reject(Rejection::Unknown),
-    })
+    let (header_payload, expires_at) = match find(&slot, &key, now) {
+        Ok(Lookup::Hit {
+            header_payload,
+            expires_at,
+        }) => (header_payload, expires_at),
+        Ok(Lookup::Expired) => return Ok(Verdict::Reject(Rejection::Expired)),
+        Ok(Lookup::Miss) | Err(_) => return Ok(Verdict::Reject(Rejection::Unknown)),
+    };
+    // Entries are written from `&str`; a non-UTF-8 entry would be corruption.
+    let Ok(hp) = std::str::from_utf8(header_payload) else {
+        return Ok(Verdict::Reject(Rejection::Unknown));
+    };
+    let projection = crate::claims::project(header_payload, &config.claims_to_headers);
+    let authorization = config.forward_jwt.then(|| {
+        let sig = signature.as_str();
+        let mut value = String::with_capacity("Bearer ".len() + hp.len() + 1 + sig.len());
+        value.push_str("Bearer ");
+        value.push_str(hp);
+        value.push('.');
+        value.push_str(sig);
+        value
+    });
+    let forward = Rc::new(Forward {
+        expires_at,
+        authorization,
+        claim_headers: projection.headers,
+        unsafe_claims: projection.unsafe_dropped,
+    });
+    cache.insert(key, Rc::clone(&forward));
+    Ok(Verdict::Forward(forward))
 }
 
 #[cfg(test)]
@@ -231,18 +230,20 @@ mod tests {
             )
             .unwrap();
         let auth = format!("Bearer {sig}");
-        let verdict = authorize(&config, &store, Some(auth.as_bytes()), 10).unwrap();
+        let mut cache = LocalCache::new(0);
+        let verdict = authorize(&config, &store, &mut cache, Some(auth.as_bytes()), 10).unwrap();
         assert_eq!(
             verdict,
-            Verdict::Forward {
+            Verdict::Forward(Rc::new(Forward {
+                expires_at: 100,
                 authorization: Some(format!("Bearer {JWT}")),
                 claim_headers: vec![],
                 unsafe_claims: 0
-            }
+            }))
         );
-        let bare = authorize(&config, &store, Some(sig.as_bytes()), 10).unwrap();
+        let bare = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
         assert_eq!(bare, verdict);
-        let late = authorize(&config, &store, Some(auth.as_bytes()), 100).unwrap();
+        let late = authorize(&config, &store, &mut cache, Some(auth.as_bytes()), 100).unwrap();
         assert_eq!(late, Verdict::Reject(Rejection::Expired));
     }
 
@@ -264,8 +265,9 @@ mod tests {
             (Some(JWT.as_bytes()), Rejection::FullJwt),
         ];
         for (auth, want) in cases {
+            let mut cache = LocalCache::new(16);
             assert_eq!(
-                authorize(&config, &store, auth, 0).unwrap(),
+                authorize(&config, &store, &mut cache, auth, 0).unwrap(),
                 Verdict::Reject(want)
             );
         }
@@ -298,18 +300,48 @@ mod tests {
                 0,
             )
             .unwrap();
-        let verdict = authorize(&config, &store, Some(sig.as_bytes()), 10).unwrap();
+        let mut cache = LocalCache::new(16);
+        let verdict = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
         assert_eq!(
             verdict,
-            Verdict::Forward {
+            Verdict::Forward(Rc::new(Forward {
+                expires_at: 100,
                 authorization: None,
-                claim_headers: vec![
-                    ("x-user-id", "alice".into()),
-                    ("x-exp", "2000000000".into())
-                ],
+                claim_headers: vec![(0, "alice".into()), (1, "2000000000".into())],
                 unsafe_claims: 0
-            }
+            }))
         );
+    }
+
+    #[test]
+    fn cache_serves_repeat_hits_without_the_store_and_honours_expiry() {
+        let (config, host) = setup("reject");
+        let store = Store::new(
+            &host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let (hp, sig) = JWT.rsplit_once('.').unwrap();
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        store
+            .put(
+                &Entry {
+                    key,
+                    expires_at: 100,
+                    header_payload: hp.as_bytes(),
+                },
+                0,
+            )
+            .unwrap();
+        let mut cache = LocalCache::new(16);
+        let first = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
+        host.map.borrow_mut().clear(); // the store forgets; the worker's cache still knows
+        let second = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 11).unwrap();
+        assert_eq!(first, second);
+        assert!(matches!(second, Verdict::Forward(_)));
+        let late = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 100).unwrap();
+        assert_eq!(late, Verdict::Reject(Rejection::Unknown));
     }
 
     #[test]
@@ -323,7 +355,14 @@ mod tests {
         );
         let auth = format!("Bearer {JWT}");
         assert_eq!(
-            authorize(&config, &store, Some(auth.as_bytes()), 0).unwrap(),
+            authorize(
+                &config,
+                &store,
+                &mut LocalCache::new(16),
+                Some(auth.as_bytes()),
+                0
+            )
+            .unwrap(),
             Verdict::PassThrough
         );
     }

@@ -143,7 +143,10 @@ fn encode_entry(out: &mut Vec<u8>, e: &Entry<'_>) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lookup<'a> {
     /// Present and unexpired.
-    Hit { header_payload: &'a [u8] },
+    Hit {
+        header_payload: &'a [u8],
+        expires_at: u64,
+    },
     /// Present but past its expiry.
     Expired,
     /// Not in the slot.
@@ -160,6 +163,7 @@ pub fn find<'a>(slot: &'a [u8], key: &StoreKey, now: u64) -> Result<Lookup<'a>, 
             } else {
                 Lookup::Hit {
                     header_payload: entry.header_payload,
+                    expires_at: entry.expires_at,
                 }
             });
         }
@@ -394,7 +398,8 @@ pub(crate) mod tests {
         assert_eq!(
             find(&slot, &key(1), 99),
             Ok(Lookup::Hit {
-                header_payload: b"h.p"
+                header_payload: b"h.p",
+                expires_at: 100
             })
         );
         assert_eq!(find(&slot, &key(1), 100), Ok(Lookup::Expired));
@@ -465,7 +470,8 @@ pub(crate) mod tests {
         assert_eq!(
             find(&slot, &key(7), 1),
             Ok(Lookup::Hit {
-                header_payload: b"h.p"
+                header_payload: b"h.p",
+                expires_at: 100
             })
         );
     }

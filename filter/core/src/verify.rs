@@ -318,12 +318,12 @@ pub fn verify(jwt: &str, keys: &KeySet, policy: &Policy, now: u64) -> Result<(),
     let now = i64::try_from(now).unwrap_or(i64::MAX);
     let leeway = i64::try_from(policy.leeway_seconds).unwrap_or(0);
     if let Some(exp) = claims.expiration {
-        if exp.timestamp() + leeway <= now {
+        if exp.timestamp().saturating_add(leeway) <= now {
             return Err(VerifyError::Expired);
         }
     }
     if let Some(nbf) = claims.not_before {
-        if nbf.timestamp() - leeway > now {
+        if nbf.timestamp().saturating_sub(leeway) > now {
             return Err(VerifyError::NotYetValid);
         }
     }

@@ -8,6 +8,7 @@
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+use split_token_core::cache::LocalCache;
 use split_token_core::config::{KeySource, VerifyConfig};
 use split_token_core::keys::{
     first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
@@ -131,6 +132,8 @@ struct SplitTokenRoot {
     metrics: Rc<Metrics>,
     /// This worker's verification keys, shared with its HTTP contexts.
     keys: Rc<RefCell<KeyState>>,
+    /// This worker's rebuilt requests for repeat hits, shared with its HTTP contexts.
+    cache: Rc<RefCell<LocalCache>>,
     /// The periodic key fetch under way: its call token and request.
     periodic: Option<(u32, KeyRequest)>,
 }
@@ -214,6 +217,7 @@ impl RootContext for SplitTokenRoot {
                 if self.metrics.0.is_empty() {
                     self.metrics = Rc::new(Metrics::define());
                 }
+                self.cache = Rc::new(RefCell::new(LocalCache::new(config.local_cache_entries)));
                 if let Some(verify) = &config.verify {
                     self.keys = Rc::new(RefCell::new(KeyState::new(verify)));
                     self.periodic = None;
@@ -263,6 +267,7 @@ impl RootContext for SplitTokenRoot {
             config,
             metrics: Rc::clone(&self.metrics),
             keys: Rc::clone(&self.keys),
+            cache: Rc::clone(&self.cache),
             state: State::Request,
             body_size: 0,
             pending: None,
@@ -293,6 +298,7 @@ struct SplitTokenHttp {
     config: Rc<Config>,
     metrics: Rc<Metrics>,
     keys: Rc<RefCell<KeyState>>,
+    cache: Rc<RefCell<LocalCache>>,
     state: State,
     body_size: usize,
     /// A split token waiting for keys, with the key request under way.
@@ -372,7 +378,13 @@ impl SplitTokenHttp {
 
     fn on_protected_request(&mut self) -> Action {
         let authorization = self.request_header("authorization");
-        let verdict = authorize(&self.config, &self.store(), authorization.as_deref(), now());
+        let verdict = authorize(
+            &self.config,
+            &self.store(),
+            &mut self.cache.borrow_mut(),
+            authorization.as_deref(),
+            now(),
+        );
         self.state = State::Done;
         let verdict = match verdict {
             Ok(v) => v,
@@ -383,21 +395,25 @@ impl SplitTokenHttp {
         };
         self.metrics.bump(verdict.counter());
         match verdict {
-            Verdict::Forward {
-                authorization,
-                claim_headers,
-                unsafe_claims,
-            } => {
+            Verdict::Forward(forward) => {
                 self.metrics
-                    .add(Counter::ClaimsUnsafeDropped, unsafe_claims);
+                    .add(Counter::ClaimsUnsafeDropped, forward.unsafe_claims);
                 let headers = MapType::HttpRequestHeaders;
-                let applied =
-                    hostcalls::set_map_value(headers, "authorization", authorization.as_deref())
-                        .and_then(|()| {
-                            claim_headers.iter().try_for_each(|(name, value)| {
-                                hostcalls::set_map_value(headers, name, Some(value))
-                            })
-                        });
+                let mappings = &self.config.claims_to_headers;
+                let applied = hostcalls::set_map_value(
+                    headers,
+                    "authorization",
+                    forward.authorization.as_deref(),
+                )
+                .and_then(|()| {
+                    forward
+                        .claim_headers
+                        .iter()
+                        .try_for_each(|(i, value)| match mappings.get(*i) {
+                            Some(m) => hostcalls::set_map_value(headers, &m.header, Some(value)),
+                            None => Ok(()),
+                        })
+                });
                 match applied {
                     Ok(()) => Action::Continue,
                     Err(status) => {

@@ -1,0 +1,169 @@
+//! A per-worker cache of rebuilt requests, in front of the shared store.
+//!
+//! A token's store entry never changes once written: the same signature always rebuilds the
+//! same `Authorization` and the same claim headers until it expires. So each worker keeps what it
+//! built for recently seen tokens and serves repeat requests without a shared-data read, a copy
+//! of the slot, a payload decode or any allocation. Misses always go to the shared store, so a
+//! token issued on another worker is usable at once.
+//!
+//! Bounded by two generations: inserts go to `current`; when it holds half the capacity it
+//! becomes `previous` (dropping the old `previous`). A hit in `previous` is promoted. Lookups and
+//! inserts are O(1) and memory never exceeds `capacity` entries.
+//!
+//! An entry evicted from a full store slot may still be served from here until it expires or
+//! ages out; the token itself is genuine and unexpired, so this only delays capacity eviction.
+
+use crate::token::StoreKey;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+
+/// What a forwarded request gets for one token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward {
+    /// When the token expires, Unix seconds.
+    pub expires_at: u64,
+    /// The rebuilt `Authorization` value; `None` removes the header (`forward_jwt: false`).
+    pub authorization: Option<String>,
+    /// `(index into claims_to_headers, value)` for each projected claim.
+    pub claim_headers: Vec<(usize, String)>,
+    /// Claims not projected because their value had a control character.
+    pub unsafe_claims: u32,
+}
+
+/// Keys are SHA-256 outputs: their first 8 bytes are already a uniform hash.
+#[derive(Default)]
+pub struct PrefixHasher(u64);
+
+impl Hasher for PrefixHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for (i, b) in bytes.iter().take(8).enumerate() {
+            self.0 ^= u64::from(*b) << (8 * i);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
+type Map = HashMap<StoreKey, Rc<Forward>, BuildHasherDefault<PrefixHasher>>;
+
+/// The per-worker cache.
+#[derive(Default)]
+pub struct LocalCache {
+    capacity: usize,
+    current: Map,
+    previous: Map,
+}
+
+impl LocalCache {
+    /// A cache of at most `capacity` entries; 0 disables it.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            current: Map::default(),
+            previous: Map::default(),
+        }
+    }
+
+    /// The cached forward for `key`, if present and unexpired at `now`.
+    pub fn get(&mut self, key: &StoreKey, now: u64) -> Option<Rc<Forward>> {
+        if let Some(hit) = self.current.get(key) {
+            if hit.expires_at > now {
+                return Some(Rc::clone(hit));
+            }
+            self.current.remove(key);
+            return None;
+        }
+        let hit = self.previous.remove(key)?;
+        if hit.expires_at <= now {
+            return None;
+        }
+        self.insert(*key, Rc::clone(&hit));
+        Some(hit)
+    }
+
+    /// Remembers a forward.
+    pub fn insert(&mut self, key: StoreKey, forward: Rc<Forward>) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.current.len() >= self.capacity.div_ceil(2) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(key, forward);
+    }
+
+    /// Entries held now.
+    pub fn len(&self) -> usize {
+        self.current.len() + self.previous.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fwd(expires_at: u64) -> Rc<Forward> {
+        Rc::new(Forward {
+            expires_at,
+            authorization: Some("Bearer x".into()),
+            claim_headers: vec![],
+            unsafe_claims: 0,
+        })
+    }
+
+    fn key(n: u32) -> StoreKey {
+        let mut k = [0u8; 32];
+        k[..4].copy_from_slice(&n.to_le_bytes());
+        StoreKey(k)
+    }
+
+    #[test]
+    fn hits_until_expiry() {
+        let mut c = LocalCache::new(8);
+        c.insert(key(1), fwd(100));
+        assert!(c.get(&key(1), 99).is_some());
+        assert!(c.get(&key(1), 100).is_none());
+        assert!(c.get(&key(1), 50).is_none(), "expired entries are dropped");
+        assert!(c.get(&key(2), 0).is_none());
+    }
+
+    #[test]
+    fn stays_bounded_and_keeps_recent_entries() {
+        let mut c = LocalCache::new(100);
+        for n in 0..10_000 {
+            c.insert(key(n), fwd(1_000));
+            assert!(c.len() <= 100);
+        }
+        assert!(c.get(&key(9_999), 0).is_some());
+        assert!(c.get(&key(0), 0).is_none());
+    }
+
+    #[test]
+    fn previous_generation_hits_are_promoted() {
+        let mut c = LocalCache::new(4);
+        c.insert(key(1), fwd(1_000));
+        c.insert(key(2), fwd(1_000));
+        c.insert(key(3), fwd(1_000)); // key 1 and 2 move to previous
+        assert!(c.get(&key(1), 0).is_some()); // promoted into current
+        c.insert(key(4), fwd(1_000)); // current (3, 1) full: it becomes previous
+        assert!(c.get(&key(1), 0).is_some());
+        assert!(c.get(&key(2), 0).is_none());
+    }
+
+    #[test]
+    fn zero_capacity_disables() {
+        let mut c = LocalCache::new(0);
+        c.insert(key(1), fwd(1_000));
+        assert!(c.is_empty());
+        assert!(c.get(&key(1), 0).is_none());
+    }
+}
