@@ -242,3 +242,21 @@ def test_idp_down_at_issuance_fails_closed(start_gateway, run_dir):
     r = gw.token_response()
     assert r.status_code in (502, 503), r.text
     assert "eyJ" not in r.text
+
+
+def test_routes_matching_identity_headers_see_the_injected_values(start_gateway):
+    """Envoy chooses a route before filters run; the filter has it recomputed after removing
+    client-sent identity headers and adding the real ones (review finding on issue 3)."""
+    admin_route = {
+        "match": {"prefix": "/basic-protected-api/",
+                  "headers": [{"name": "x-user-roles", "string_match": {"exact": "admin"}}]},
+        "direct_response": {"status": 418, "body": {"inline_string": "routed-as-admin"}},
+    }
+    gw = start_gateway(demo_settings(), extra_routes=[admin_route])
+    user = gw.token(sub="u", roles="user")
+    admin = gw.token(sub="a", roles="admin")
+    spoofed = gw.call(f"Bearer {user}", headers={"X-User-Roles": "admin"})
+    assert spoofed.status_code == 200, spoofed.text  # not routed as admin
+    assert spoofed.json()["headers"]["X-User-Roles"] == "user"
+    real = gw.call(f"Bearer {admin}")
+    assert real.status_code == 418 and real.text == "routed-as-admin"

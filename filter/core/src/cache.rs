@@ -19,7 +19,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
 
 /// What a forwarded request gets for one token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Forward {
     /// When the token expires, Unix seconds.
     pub expires_at: u64,
@@ -29,6 +29,18 @@ pub struct Forward {
     pub claim_headers: Vec<(usize, String)>,
     /// Claims not projected because their value had a control character.
     pub unsafe_claims: u32,
+}
+
+/// Never print the rebuilt JWT or claim values, even in a debug log.
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forward")
+            .field("expires_at", &self.expires_at)
+            .field("forward_jwt", &self.authorization.is_some())
+            .field("claim_headers", &self.claim_headers.len())
+            .field("unsafe_claims", &self.unsafe_claims)
+            .finish()
+    }
 }
 
 /// Keys are SHA-256 outputs: their first 8 bytes are already a uniform hash.
@@ -157,6 +169,21 @@ mod tests {
         c.insert(key(4), fwd(1_000)); // current (3, 1) full: it becomes previous
         assert!(c.get(&key(1), 0).is_some());
         assert!(c.get(&key(2), 0).is_none());
+    }
+
+    #[test]
+    fn debug_does_not_print_the_jwt() {
+        let f = Forward {
+            expires_at: 1,
+            authorization: Some("Bearer eyJsecret".into()),
+            claim_headers: vec![(0, "alice".into())],
+            unsafe_claims: 0,
+        };
+        let shown = format!("{f:?}");
+        assert!(
+            !shown.contains("eyJ") && !shown.contains("alice"),
+            "{shown}"
+        );
     }
 
     #[test]

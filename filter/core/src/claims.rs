@@ -24,6 +24,15 @@ impl ClaimPath {
         Some(Self(segments))
     }
 
+    /// A path given as its segments, for claim names that contain dots
+    /// (`["https://example.com/roles"]`).
+    pub fn from_segments(segments: Vec<String>) -> Option<Self> {
+        if segments.is_empty() || segments.iter().any(String::is_empty) {
+            return None;
+        }
+        Some(Self(segments))
+    }
+
     /// The value at this path, if every segment exists.
     pub fn find<'v>(&self, claims: &'v Value) -> Option<&'v Value> {
         self.0
@@ -74,12 +83,21 @@ pub fn check_header_name(name: &str) -> Result<String, String> {
 }
 
 /// Renders a claim value as a header value, or `None` when it has no header form (null) or
-/// would be unsafe (a control character).
+/// would be unsafe (a control character, or a list element containing the `,` separator).
 pub fn render(value: &Value) -> Rendered {
     let text = match value {
         Value::Null => return Rendered::Absent,
         Value::String(s) => s.clone(),
         Value::Number(_) | Value::Bool(_) => value.to_string(),
+        // An element that itself contains "," would be indistinguishable from two elements
+        // (["team,admin"] vs ["team", "admin"]); such arrays are never emitted.
+        Value::Array(items)
+            if items
+                .iter()
+                .any(|i| i.as_str().is_some_and(|s| s.contains(','))) =>
+        {
+            return Rendered::Unsafe
+        }
         Value::Array(items) if items.iter().all(is_scalar) => {
             let mut out = String::new();
             for (i, item) in items.iter().enumerate() {
@@ -182,6 +200,11 @@ mod tests {
         );
         assert_eq!(ClaimPath::parse("sub.x").unwrap().find(&claims), None);
         assert_eq!(p.to_string(), "realm_access.roles");
+        let namespaced = json!({"https://example.com/roles": ["a"]});
+        let p = ClaimPath::from_segments(vec!["https://example.com/roles".into()]).unwrap();
+        assert_eq!(p.find(&namespaced), Some(&json!(["a"])));
+        assert!(ClaimPath::from_segments(vec![]).is_none());
+        assert!(ClaimPath::from_segments(vec![String::new()]).is_none());
         for bad in ["", ".", "a.", ".a", "a..b"] {
             assert!(ClaimPath::parse(bad).is_none(), "{bad}");
         }
@@ -206,6 +229,8 @@ mod tests {
             (json!("a\r\nx-admin: 1"), Rendered::Unsafe),
             (json!("nul\u{0}"), Rendered::Unsafe),
             (json!(["ok", "bad\n"]), Rendered::Unsafe),
+            (json!(["team,admin"]), Rendered::Unsafe),
+            (json!(["user", "a,b"]), Rendered::Unsafe),
         ];
         for (value, want) in cases {
             assert_eq!(render(&value), want, "{value}");

@@ -9,9 +9,9 @@ use crate::verify::{KeySet, Policy, DEFAULT_ALGORITHMS, SUPPORTED_ALGORITHMS};
 use serde::Deserialize;
 use std::fmt;
 
-/// Upper bound for `store_slots`: 16 Mi keys is far beyond any sane deployment and keeps
-/// the slot index comfortably inside `u32`.
-pub const MAX_STORE_SLOTS: u32 = 1 << 24;
+/// Upper bound for `store_slots`: every slot is created at configuration time (about 120 bytes
+/// of Envoy memory each when empty), so 4 Mi slots (~0.5 GiB) is the sane ceiling.
+pub const MAX_STORE_SLOTS: u32 = 1 << 22;
 /// Upper bound for `slot_capacity`: a slot is copied whole on every lookup, so it must stay small.
 pub const MAX_SLOT_CAPACITY: u16 = 64;
 /// Upper bound for `local_cache_entries`, per worker.
@@ -93,8 +93,16 @@ struct RawVerify {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClaimHeader {
-    claim: String,
+    claim: RawClaim,
     header: String,
+}
+
+/// `"realm_access.roles"`, or `["https://example.com/roles"]` for names that contain dots.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawClaim {
+    Dotted(String),
+    Segments(Vec<String>),
 }
 
 mod defaults {
@@ -386,12 +394,22 @@ impl TryFrom<RawConfig> for Config {
 fn claim_headers(raw: Vec<RawClaimHeader>) -> Result<Vec<ClaimHeader>, ConfigError> {
     let mut out: Vec<ClaimHeader> = Vec::with_capacity(raw.len());
     for (i, m) in raw.into_iter().enumerate() {
-        let claim = ClaimPath::parse(&m.claim).ok_or_else(|| {
-            invalid(
-                format!("claims_to_headers[{i}].claim"),
-                format!("{:?} is not a dotted claim path", m.claim),
-            )
-        })?;
+        let claim = match m.claim {
+            RawClaim::Dotted(path) => ClaimPath::parse(&path).ok_or_else(|| {
+                invalid(
+                    format!("claims_to_headers[{i}].claim"),
+                    format!("{path:?} is not a dotted claim path"),
+                )
+            })?,
+            RawClaim::Segments(segments) => {
+                ClaimPath::from_segments(segments).ok_or_else(|| {
+                    invalid(
+                        format!("claims_to_headers[{i}].claim"),
+                        "a list of claim names must be non-empty, without empty names",
+                    )
+                })?
+            }
+        };
         let header = check_header_name(&m.header)
             .map_err(|reason| invalid(format!("claims_to_headers[{i}].header"), reason))?;
         if out.iter().any(|c| c.header == header) {
@@ -467,8 +485,17 @@ fn verify_config(raw: RawVerify) -> Result<VerifyConfig, ConfigError> {
             }
         }
     }
-    if raw.refresh_seconds == 0 {
-        return Err(invalid("verify.refresh_seconds", "must be at least 1"));
+    if !(1..=86_400).contains(&raw.refresh_seconds) {
+        return Err(invalid(
+            "verify.refresh_seconds",
+            format!("must be between 1 and 86400, got {}", raw.refresh_seconds),
+        ));
+    }
+    if raw.min_refetch_seconds > 3_600 {
+        return Err(invalid(
+            "verify.min_refetch_seconds",
+            format!("must be at most 3600, got {}", raw.min_refetch_seconds),
+        ));
     }
     if !(100..=60_000).contains(&raw.fetch_timeout_ms) {
         return Err(invalid(
@@ -662,6 +689,14 @@ mod tests {
         .unwrap();
         assert!(!c.forward_jwt);
         assert_eq!(c.claims_to_headers[0].header, "x-user-roles");
+        let namespaced = parse(
+            r#"{"token_paths": ["/a"], "claims_to_headers": [{"claim": ["https://x.io/roles"], "header": "x-r"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            namespaced.claims_to_headers[0].claim.to_string(),
+            "https://x.io/roles"
+        );
         let v = c.verify.unwrap();
         assert!(matches!(
             &v.source,

@@ -148,8 +148,9 @@ pub struct KeyState {
     pub jwks_path: Option<String>,
     /// When the keys were last replaced.
     pub loaded_at: u64,
-    /// When the last fetch (periodic or on demand) started.
-    pub fetch_started_at: Option<u64>,
+    /// When the last on-demand fetch (unknown `kid`, failed signature) started. Periodic
+    /// refreshes do not count, so a rotation right after a refresh is still picked up.
+    pub on_demand_at: Option<u64>,
     /// A periodic fetch is under way.
     pub periodic_in_flight: bool,
     /// No periodic fetch before this time (backoff after a failure).
@@ -182,7 +183,7 @@ impl KeyState {
     pub fn refetch_allowed(&self, config: &VerifyConfig, now: u64) -> bool {
         matches!(config.source, KeySource::Remote { .. })
             && self
-                .fetch_started_at
+                .on_demand_at
                 .is_none_or(|t| now >= t.saturating_add(config.min_refetch_seconds))
     }
 
@@ -297,7 +298,7 @@ mod tests {
         let mut s = KeyState::new(&c);
         assert!(s.refresh_due(&c, 0));
         assert!(s.refetch_allowed(&c, 0));
-        s.fetch_started_at = Some(5);
+        s.on_demand_at = Some(5);
         assert!(!s.refetch_allowed(&c, 14));
         assert!(s.refetch_allowed(&c, 15));
         let keys = KeySet::parse(JWKS.as_bytes(), false).unwrap();

@@ -25,8 +25,8 @@ pub enum SplitError {
     NotJsonObject { reason: String },
     /// The object has no `access_token` member.
     NoAccessToken,
-    /// `access_token` appears more than once.
-    DuplicateAccessToken,
+    /// `access_token` or `expires_in` appears more than once (clients would disagree on which).
+    DuplicateMember { name: &'static str },
     /// `access_token` is not a JSON string.
     AccessTokenNotString,
     /// `access_token` is not a compact JWS.
@@ -55,8 +55,8 @@ impl fmt::Display for SplitError {
                 write!(f, "token response is not a JSON object: {reason}")
             }
             Self::NoAccessToken => f.write_str("token response has no access_token"),
-            Self::DuplicateAccessToken => {
-                f.write_str("token response has more than one access_token")
+            Self::DuplicateMember { name } => {
+                write!(f, "token response has more than one {name}")
             }
             Self::AccessTokenNotString => f.write_str("access_token is not a string"),
             Self::NotJws(e) => e.fmt(f),
@@ -75,7 +75,6 @@ impl std::error::Error for SplitError {
 }
 
 /// A split token response: the body to send and the entry to store first.
-#[derive(Debug)]
 pub struct SplitPlan {
     /// The rewritten JSON body.
     pub body: Vec<u8>,
@@ -85,6 +84,16 @@ pub struct SplitPlan {
     pub expires_at: u64,
     header_payload: String,
     signature: String,
+}
+
+/// Never print token material, even in a debug log.
+impl fmt::Debug for SplitPlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SplitPlan")
+            .field("body_len", &self.body.len())
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 impl SplitPlan {
@@ -120,7 +129,10 @@ pub fn classify(
     content_encoding: Option<&[u8]>,
     end_of_stream: bool,
 ) -> ResponseAction {
-    if status != b"200" {
+    // RFC 6749 answers a token request with 200; any other success carrying a body (201, 203...)
+    // is treated the same way, so an unusual IdP cannot slip a full JWT past the filter.
+    let success = status.len() == 3 && status.first() == Some(&b'2');
+    if !success || status == b"204" {
         return ResponseAction::PassThrough;
     }
     if let Some(enc) = content_encoding {
@@ -171,13 +183,14 @@ pub(crate) fn describe(e: &serde_json::Error) -> String {
     format!("{what} at line {} column {}", e.line(), e.column())
 }
 
-/// `expires_in` as seconds: a non-negative JSON number, or a string of digits (some IdPs).
+/// `expires_in` as seconds: a JSON number, or a string of digits (some IdPs). A negative value
+/// means already expired.
 fn expires_in(raw: &RawValue) -> Option<u64> {
     match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
         serde_json::Value::Number(n) => n
             .as_u64()
-            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
-        serde_json::Value::String(s) => s.trim().parse().ok(),
+            .or_else(|| n.as_f64().map(|f| if f <= 0.0 { 0 } else { f as u64 })),
+        serde_json::Value::String(s) => s.trim().parse::<i64>().ok().map(|v| v.max(0) as u64),
         _ => None,
     }
 }
@@ -196,11 +209,15 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
         reason: describe(&e),
     })?;
 
-    let mut tokens = members.iter().filter(|(k, _)| k == "access_token");
-    let (_, raw_token) = tokens.next().ok_or(SplitError::NoAccessToken)?;
-    if tokens.next().is_some() {
-        return Err(SplitError::DuplicateAccessToken);
+    for name in ["access_token", "expires_in"] {
+        if members.iter().filter(|(k, _)| k == name).count() > 1 {
+            return Err(SplitError::DuplicateMember { name });
+        }
     }
+    let (_, raw_token) = members
+        .iter()
+        .find(|(k, _)| k == "access_token")
+        .ok_or(SplitError::NoAccessToken)?;
     let token: String =
         serde_json::from_str(raw_token.get()).map_err(|_| SplitError::AccessTokenNotString)?;
     let jws = CompactJws::parse(&token).map_err(SplitError::NotJws)?;
@@ -209,16 +226,19 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
     if let Some(exp) = jws.exp {
         expires_at = expires_at.min(u64::try_from(exp).unwrap_or(0));
     }
-    if let Some(secs) = members
+    let announced = members
         .iter()
         .find(|(k, _)| k == "expires_in")
-        .and_then(|(_, v)| expires_in(v))
-    {
+        .and_then(|(_, v)| expires_in(v));
+    if let Some(secs) = announced {
         expires_at = expires_at.min(now.saturating_add(secs));
     }
     if expires_at <= now {
         return Err(SplitError::AlreadyExpired);
     }
+    // Tell the client the lifetime the gateway will honour when it is shorter than announced.
+    let lifetime = expires_at - now;
+    let rewrite_expires_in = announced.is_some_and(|secs| secs > lifetime);
 
     let signature = jws.signature();
     let mut out = Vec::with_capacity(body.len());
@@ -237,6 +257,8 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
         out.push(b':');
         if key == "access_token" {
             let _ = serde_json::to_writer(&mut out, signature.as_str());
+        } else if key == "expires_in" && rewrite_expires_in {
+            let _ = serde_json::to_writer(&mut out, &lifetime);
         } else {
             out.extend_from_slice(value.get().as_bytes());
         }
@@ -330,6 +352,21 @@ mod tests {
     }
 
     #[test]
+    fn expires_in_is_shortened_to_what_the_gateway_honours() {
+        let c = config(r#", "max_ttl_seconds": 60"#);
+        let plan = split(&c, body_with(JWT).as_bytes(), 1_000).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plan.body).unwrap();
+        assert_eq!(v["expires_in"], 60);
+        let c = config("");
+        let plan = split(&c, body_with(JWT).as_bytes(), 1_000).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plan.body).unwrap();
+        assert_eq!(
+            v["expires_in"], 3600,
+            "unchanged when the gateway honours it all"
+        );
+    }
+
+    #[test]
     fn expired_tokens_are_refused() {
         let c = config("");
         assert_eq!(
@@ -399,7 +436,15 @@ mod tests {
             }),
             (
                 format!(r#"{{"access_token": "{JWT}", "access_token": "{JWT}"}}"#),
-                |e| *e == SplitError::DuplicateAccessToken,
+                |e| {
+                    *e == SplitError::DuplicateMember {
+                        name: "access_token",
+                    }
+                },
+            ),
+            (
+                format!(r#"{{"access_token": "{JWT}", "expires_in": 5, "expires_in": 9}}"#),
+                |e| *e == SplitError::DuplicateMember { name: "expires_in" },
             ),
             ("   ".into(), |e| *e == SplitError::Empty),
             (big, |e| matches!(e, SplitError::TooLarge { .. })),
@@ -423,6 +468,9 @@ mod tests {
     #[test]
     fn classify_passes_errors_and_refuses_encodings() {
         assert_eq!(classify(b"400", None, false), ResponseAction::PassThrough);
+        assert_eq!(classify(b"204", None, true), ResponseAction::PassThrough);
+        assert_eq!(classify(b"201", None, false), ResponseAction::Split);
+        assert_eq!(classify(b"203", None, false), ResponseAction::Split);
         assert_eq!(classify(b"302", None, true), ResponseAction::PassThrough);
         assert_eq!(classify(b"200", None, false), ResponseAction::Split);
         assert_eq!(

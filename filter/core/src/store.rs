@@ -10,8 +10,14 @@
 //!
 //! Writes read the slot, drop expired entries and any older entry for the same key, evict the
 //! entry nearest to expiry while the slot is full, append, and write back with compare-and-swap,
-//! retrying on a mismatch. A key that was never written has no CAS token, so the first write to a
-//! slot is blind; it is read back and retried when another worker's blind write won the race.
+//! retrying on a mismatch.
+//!
+//! Envoy's compare-and-swap cannot guard the creation of a key: a write to a missing key always
+//! succeeds, so two workers creating the same slot could silently drop one token. The store
+//! therefore creates every slot, empty, when the filter is configured ([`Store::initialize`]),
+//! before any token is written; entries are only ever written with a CAS token. Should a slot be
+//! missing anyway (initialization failed), `put` creates it empty first and retries, so an entry
+//! is never written blind; only that fallback keeps the (tiny) creation race.
 
 use crate::token::StoreKey;
 use std::fmt;
@@ -82,11 +88,21 @@ impl fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 /// One stored token: the key, when it expires (Unix seconds) and its `header.payload`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub struct Entry<'a> {
     pub key: StoreKey,
     pub expires_at: u64,
     pub header_payload: &'a [u8],
+}
+
+/// Never print `header.payload`, even in a debug log.
+impl fmt::Debug for Entry<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Entry")
+            .field("expires_at", &self.expires_at)
+            .field("header_payload_len", &self.header_payload.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The slot's bytes did not decode.
@@ -140,7 +156,7 @@ fn encode_entry(out: &mut Vec<u8>, e: &Entry<'_>) {
 }
 
 /// The result of looking a key up in one slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Lookup<'a> {
     /// Present and unexpired.
     Hit {
@@ -151,6 +167,16 @@ pub enum Lookup<'a> {
     Expired,
     /// Not in the slot.
     Miss,
+}
+
+impl fmt::Debug for Lookup<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hit { expires_at, .. } => write!(f, "Hit {{ expires_at: {expires_at}, .. }}"),
+            Self::Expired => f.write_str("Expired"),
+            Self::Miss => f.write_str("Miss"),
+        }
+    }
 }
 
 /// Finds `key` in an encoded slot without allocating.
@@ -274,6 +300,35 @@ impl<'a, H: SharedData> Store<'a, H> {
         self.get(&self.slot_key(key)).map(|(value, _)| value)
     }
 
+    /// Creates every missing slot as an empty slot, so that all entry writes can use CAS.
+    /// Idempotent; returns how many slots it created.
+    pub fn initialize(&self) -> Result<u32, StoreError> {
+        let mut created = 0;
+        let mut key = String::with_capacity(self.prefix.len() + 8);
+        for slot in 0..self.slots {
+            use fmt::Write;
+            key.clear();
+            key.push_str(self.prefix);
+            let _ = write!(key, "{slot:x}");
+            let (_, cas) = self.get(&key)?;
+            if cas.is_none() {
+                self.create_empty(&key)?;
+                created += 1;
+            }
+        }
+        Ok(created)
+    }
+
+    fn create_empty(&self, slot_key: &str) -> Result<(), StoreError> {
+        match self.host.set(slot_key, &[VERSION], None) {
+            Ok(()) | Err(SetError::CasMismatch) => Ok(()),
+            Err(SetError::Host(HostStatus(status))) => Err(StoreError::Host {
+                operation: "set",
+                status,
+            }),
+        }
+    }
+
     /// Stores an entry, retrying on CAS mismatches.
     pub fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
         if entry.header_payload.len() > usize::from(u16::MAX) {
@@ -285,22 +340,22 @@ impl<'a, H: SharedData> Store<'a, H> {
         let mut retries = 0;
         while retries < MAX_WRITE_ATTEMPTS {
             let (current, cas) = self.get(&slot_key)?;
+            let Some(cas) = cas else {
+                // Never written (initialize did not run for it): create it empty, then write the
+                // entry with CAS like any other.
+                self.create_empty(&slot_key)?;
+                retries += 1;
+                continue;
+            };
             let (next, report) = insert(&current, entry, now, self.capacity);
-            match self.host.set(&slot_key, &next, cas) {
+            match self.host.set(&slot_key, &next, Some(cas)) {
                 Ok(()) => {
-                    // A blind write (no CAS token yet) may have raced another blind write.
-                    let stuck = cas.is_some() || {
-                        let (after, _) = self.get(&slot_key)?;
-                        matches!(find(&after, &entry.key, now), Ok(Lookup::Hit { .. }))
-                    };
-                    if stuck {
-                        return Ok(PutReport {
-                            evicted: report.evicted,
-                            expired: report.expired,
-                            corrupt: report.corrupt,
-                            retries,
-                        });
-                    }
+                    return Ok(PutReport {
+                        evicted: report.evicted,
+                        expired: report.expired,
+                        corrupt: report.corrupt,
+                        retries,
+                    })
                 }
                 Err(SetError::CasMismatch) => {}
                 Err(SetError::Host(HostStatus(status))) => {
@@ -464,6 +519,7 @@ pub(crate) mod tests {
     fn put_then_lookup() {
         let host = MemoryData::default();
         let store = Store::new(&host, "p/", 64, 4);
+        store.initialize().unwrap();
         let report = store.put(&entry(7, 100, b"h.p"), 0).unwrap();
         assert_eq!(report, PutReport::default());
         let slot = store.fetch_slot(&key(7)).unwrap();
@@ -501,37 +557,38 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn lost_blind_first_write_is_detected_and_retried() {
-        // The slot was never written, so our first set carries no CAS token; another worker's
-        // blind write lands right after ours and replaces it. The read-back must notice.
-        struct Racy<'a> {
-            inner: &'a MemoryData,
-            raced: RefCell<bool>,
-        }
-        impl SharedData for Racy<'_> {
+    fn entries_are_never_written_blind() {
+        // Envoy's CAS cannot guard key creation. Two workers that both saw a missing slot and
+        // both wrote blind would drop one token (review of issue 3). Writes must always carry CAS.
+        struct Strict<'a>(&'a MemoryData, RefCell<u32>);
+        impl SharedData for Strict<'_> {
             fn get(&self, key: &str) -> Result<(Vec<u8>, Option<u32>), HostStatus> {
-                self.inner.get(key)
+                self.0.get(key)
             }
             fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-                let result = self.inner.set(key, value, cas);
-                if !self.raced.replace(true) {
-                    let (theirs, _) = insert(&[], &entry(2, 100, b"two"), 0, 8);
-                    self.inner.raw_set(key, &theirs);
+                if cas.is_none() {
+                    assert_eq!(
+                        value,
+                        [VERSION],
+                        "a blind write may only create an empty slot"
+                    );
+                    *self.1.borrow_mut() += 1;
                 }
-                result
+                self.0.set(key, value, cas)
             }
         }
         let host = MemoryData::default();
-        let racy = Racy {
-            inner: &host,
-            raced: RefCell::new(false),
-        };
-        let report = Store::new(&racy, "p/", 1, 8)
-            .put(&entry(1, 100, b"one"), 0)
-            .unwrap();
+        let strict = Strict(&host, RefCell::new(0));
+        let store = Store::new(&strict, "p/", 4, 8);
+        assert_eq!(store.initialize().unwrap(), 4);
+        assert_eq!(store.initialize().unwrap(), 0, "idempotent");
+        store.put(&entry(1, 100, b"one"), 0).unwrap();
+        // A slot missing despite initialize (another prefix's store): created empty, then CAS.
+        let other = Store::new(&strict, "q/", 1, 8);
+        let report = other.put(&entry(2, 100, b"two"), 0).unwrap();
         assert_eq!(report.retries, 1);
-        let slot = Store::new(&host, "p/", 1, 8).fetch_slot(&key(1)).unwrap();
-        assert!(matches!(find(&slot, &key(1), 0), Ok(Lookup::Hit { .. })));
+        assert_eq!(*strict.1.borrow(), 5);
+        let slot = other.fetch_slot(&key(2)).unwrap();
         assert!(matches!(find(&slot, &key(2), 0), Ok(Lookup::Hit { .. })));
     }
 

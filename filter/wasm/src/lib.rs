@@ -150,9 +150,7 @@ impl SplitTokenRoot {
         let now = now();
         match dispatch_key_request(verify, &request) {
             Ok(token) => {
-                let mut keys = self.keys.borrow_mut();
-                keys.periodic_in_flight = true;
-                keys.fetch_started_at = Some(now);
+                self.keys.borrow_mut().periodic_in_flight = true;
                 self.periodic = Some((token, request));
             }
             Err(status) => {
@@ -218,6 +216,25 @@ impl RootContext for SplitTokenRoot {
                     self.metrics = Rc::new(Metrics::define());
                 }
                 self.cache = Rc::new(RefCell::new(LocalCache::new(config.local_cache_entries)));
+                // Create every slot now, so that no token is ever written to a missing key
+                // (Envoy's CAS cannot guard key creation). Idempotent across VMs and reloads.
+                let store = Store::new(
+                    &EnvoySharedData,
+                    &config.store_prefix,
+                    config.store_slots,
+                    config.slot_capacity,
+                );
+                match store.initialize() {
+                    Ok(0) => {}
+                    Ok(created) => log(LogLevel::Info, &format!("created {created} store slots")),
+                    Err(e) => {
+                        log(
+                            LogLevel::Error,
+                            &format!("cannot initialize the store: {e}"),
+                        );
+                        return false;
+                    }
+                }
                 if let Some(verify) = &config.verify {
                     self.keys = Rc::new(RefCell::new(KeyState::new(verify)));
                     self.periodic = None;
@@ -262,7 +279,10 @@ impl RootContext for SplitTokenRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let config = self.config.clone()?;
+        let Some(config) = self.config.clone() else {
+            // The SDK panics on None; a VM without a valid configuration refuses requests.
+            return Some(Box::new(Unconfigured));
+        };
         Some(Box::new(SplitTokenHttp {
             config,
             metrics: Rc::clone(&self.metrics),
@@ -277,6 +297,22 @@ impl RootContext for SplitTokenRoot {
 
     fn get_type(&self) -> Option<ContextType> {
         Some(ContextType::HttpContext)
+    }
+}
+
+/// The HTTP context of a VM whose configuration was refused: it fails closed.
+struct Unconfigured;
+
+impl Context for Unconfigured {}
+
+impl HttpContext for Unconfigured {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let _ = hostcalls::send_http_response(
+            503,
+            LocalReply::HEADERS.to_vec(),
+            Some(br#"{"error":"temporarily_unavailable","error_description":"the split-token filter is not configured"}"#),
+        );
+        Action::Pause
     }
 }
 
@@ -374,6 +410,23 @@ impl SplitTokenHttp {
         hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
             .ok()
             .flatten()
+    }
+
+    fn route_request(&mut self, path: &[u8]) -> Action {
+        match self.config.route(path) {
+            Route::TokenEndpoint => {
+                // Ask the IdP for an identity-encoded body: the filter cannot split gzip.
+                let _ =
+                    hostcalls::set_map_value(MapType::HttpRequestHeaders, "accept-encoding", None);
+                self.state = State::TokenEndpoint;
+                Action::Continue
+            }
+            Route::Public => {
+                self.state = State::Done;
+                Action::Continue
+            }
+            Route::Protected => self.on_protected_request(),
+        }
     }
 
     fn on_protected_request(&mut self) -> Action {
@@ -477,7 +530,10 @@ impl SplitTokenHttp {
         let may_fetch = !self.refetched && self.keys.borrow().refetch_allowed(verify_config, now);
         match result {
             Some(Ok(())) => Check::Verified,
-            Some(Err(VerifyError::UnknownKid { .. })) if may_fetch => self.fetch_keys(now),
+            // A new kid, or no kid and no key that verifies: the IdP may have rotated its keys.
+            Some(Err(VerifyError::UnknownKid { .. } | VerifyError::BadSignature)) if may_fetch => {
+                self.fetch_keys(now)
+            }
             Some(Err(e)) => Check::Failed(e),
             None if !self.refetched => self.fetch_keys(now),
             None => Check::NoKeys(FetchError::NoResponse),
@@ -496,7 +552,7 @@ impl SplitTokenHttp {
         let Some(request) = request else {
             return Check::NoKeys(FetchError::NoResponse);
         };
-        self.keys.borrow_mut().fetch_started_at = Some(now);
+        self.keys.borrow_mut().on_demand_at = Some(now);
         match dispatch_key_request(verify_config, &request) {
             Ok(token) => Check::Wait(token, request),
             Err(_) => Check::NoKeys(FetchError::NoResponse),
@@ -600,20 +656,13 @@ impl HttpContext for SplitTokenHttp {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &mapping.header, None);
         }
         let path = self.request_header(":path").unwrap_or_default();
-        match self.config.route(&path) {
-            Route::TokenEndpoint => {
-                // Ask the IdP for an identity-encoded body: the filter cannot split gzip.
-                let _ =
-                    hostcalls::set_map_value(MapType::HttpRequestHeaders, "accept-encoding", None);
-                self.state = State::TokenEndpoint;
-                Action::Continue
-            }
-            Route::Public => {
-                self.state = State::Done;
-                Action::Continue
-            }
-            Route::Protected => self.on_protected_request(),
+        let action = self.route_request(&path);
+        if !self.config.claims_to_headers.is_empty() && action == Action::Continue {
+            // Envoy picked the route before this filter ran, possibly on a client-sent identity
+            // header: recompute it on the headers as the filter left them.
+            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
         }
+        action
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
@@ -633,7 +682,14 @@ impl HttpContext for SplitTokenHttp {
                 // The body changes, so its length and validators go; the new length is set once
                 // known. Headers are held back (this needs `allow_on_headers_stop_iteration`) so a
                 // failure can still become a 502 instead of the IdP's 200.
-                for stale in ["content-length", "etag", "content-md5", "digest"] {
+                for stale in [
+                    "content-length",
+                    "etag",
+                    "content-md5",
+                    "digest",
+                    "content-digest",
+                    "repr-digest",
+                ] {
                     let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, stale, None);
                 }
                 self.state = State::Buffering;
