@@ -36,15 +36,27 @@ unit:
 e2e *args: deps build
     {{venv}}/bin/pytest tests/e2e {{args}}
 
-# Everything CI runs
+# Everything CI runs (the benchmark smoke run checks the bench still works, not its numbers)
 test: lint unit e2e
+    just bench --quick
 
 # Hot-path cost of claim projection: token hits with 0 vs 3 claim headers (h2load, medians)
-bench-claims *args: deps build
-    command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
+bench-claims *args: deps build bench-deps
     {{venv}}/bin/python tests/bench/claims_cost.py {{args}}
 
-# Throughput and latency vs bare Envoy and jwt_authn, issuance cost; writes docs/benchmarks.md (--quick: smoke run)
-bench *args: deps build
-    command -v h2load >/dev/null || (apt-get update -qq && apt-get install -y -qq nghttp2-client)
-    {{venv}}/bin/python tests/bench/bench.py {{args}}
+# Load tools from Debian (h2load, wrk) for the benchmarks
+bench-deps:
+    command -v h2load >/dev/null && command -v wrk >/dev/null || \
+      (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
+
+# Throughput vs bare Envoy and jwt_authn, store scale and churn -> docs/benchmarks.md (--quick: smoke run)
+bench *args: deps build bench-deps
+    #!/usr/bin/env bash
+    set -euo pipefail
+    quick=""; [[ " {{args}} " == *" --quick "* ]] && quick="--quick"
+    mkdir -p .run/bench
+    {{venv}}/bin/python tests/bench/bench.py $quick --json .run/bench/throughput.json
+    {{venv}}/bin/python tests/bench/scale.py $quick --json .run/bench/scale.json
+    if [ -z "$quick" ]; then
+      {{venv}}/bin/python tests/bench/report.py .run/bench/throughput.json .run/bench/scale.json
+    fi

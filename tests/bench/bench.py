@@ -3,9 +3,9 @@
 One Envoy (--concurrency 1, pinned to CPU 0) serves every variant on its own listener with a
 direct_response route, so no upstream adds noise; h2load runs on CPU 1. Variants alternate
 within each round; medians over rounds are reported. Latency percentiles come from h2load's
-per-request log. Writes docs/benchmarks.md with the table, the machine and the commands.
+per-request log. tests/bench/report.py turns its --json output into docs/benchmarks.md.
 
-usage: python tests/bench/bench.py [--rounds N] [--requests N] [--quick] [--no-write]
+usage: python tests/bench/bench.py [--rounds N] [--requests N] [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -122,11 +122,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--quick", action="store_true", help="1 round of 5000 requests, no file written")
-    ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="1 round of 5000 requests")
+    ap.add_argument("--json", type=Path, help="write the results here")
     args = ap.parse_args()
     if args.quick:
-        args.rounds, args.requests, args.no_write = 1, 5000, True
+        args.rounds, args.requests = 1, 5000
 
     run_dir = stack.ROOT / ".run" / "bench"
     idp = stack.start_idp(stack.free_port(), run_dir)
@@ -213,31 +213,13 @@ def main() -> int:
         print()
         print(issuance)
         print(f".wasm size: {wasm_size} bytes")
-        if not args.no_write:
-            example = results["token hit, 0 claim headers"][0]["cmd"]
-            doc = f"""# Benchmarks
-
-Produced by `just bench` ({time.strftime('%Y-%m-%d')}); rerun it to refresh this page.
-
-Machine: {machine()}. Envoy 1.40.0 (`--concurrency 1`, pinned to CPU 0), h2load on CPU 1,
-loopback, a `direct_response` route behind every variant (no upstream). {args.rounds} rounds of
-{args.requests} requests over {args.clients} HTTP/2 connections per variant, variants alternating
-within each round; medians over rounds. Latency percentiles are from h2load's per-request log.
-
-{table}
-
-{issuance}
-
-Release `.wasm`: {wasm_size} bytes.
-
-Command per row (token elided): `{example}`
-
-Targets (goals, not test assertions): token hit >= 0.95x the floor and >= 0.80x bare; p99 <= 1.2x
-bare; issuance adds <= 0.5 ms.
-"""
-            out = stack.ROOT / "docs" / "benchmarks.md"
-            out.write_text(doc)
-            print(f"wrote {out.relative_to(stack.ROOT)}")
+        if args.json:
+            args.json.write_text(json.dumps({
+                "machine": machine(), "rounds": args.rounds, "requests": args.requests,
+                "clients": args.clients, "table": table, "issuance": issuance, "wasm_size": wasm_size,
+                "median": med, "issue_ms": {k: statistics.median(v) for k, v in issue.items()},
+                "command": results["token hit, 0 claim headers"][0]["cmd"],
+            }, indent=1))
         return 0
     finally:
         if envoy is not None:
