@@ -101,8 +101,9 @@ def h2load(url: str, authorization: str | None, n: int, clients: int) -> dict:
         rps = float(re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out).group(1))
         lat = sorted(int(line.split("\t")[2]) / 1000.0 for line in Path(log.name).read_text().splitlines() if line)
         statuses = {line.split("\t")[1] for line in Path(log.name).read_text().splitlines() if line}
+    shown = [a if a != log.name else "requests.log" for a in argv[3:]]
     return {"rps": rps, "p50": percentile(lat, 50), "p99": percentile(lat, 99), "statuses": statuses,
-            "cmd": " ".join(argv[3:] + [url]).replace(authorization or "\0", "<token>")}
+            "cmd": " ".join(shown + [url]).replace(authorization or "\0", "<token>")}
 
 
 def machine() -> str:
@@ -134,7 +135,7 @@ def main() -> int:
     try:
         jwks = requests.get(f"http://127.0.0.1:{idp.port}/jwks", timeout=5).text
         ports = {name: stack.free_port() for name in
-                 ("bare", "floor", "hit", "hit3", "miss", "jwt_authn", "jwt_authn_cache", "issue", "issue_bare")}
+                 ("bare", "floor", "hit", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache", "issue", "issue_bare")}
         base = {"token_paths": ["/auth/token"], "public_prefixes": ["/public/"],
                 "store_slots": 65536}
         idp_route = {"match": {"path": "/auth/token"}, "route": {"cluster": "idp", "prefix_rewrite": "/token"}}
@@ -144,6 +145,9 @@ def main() -> int:
             listener("floor", ports["floor"], [wasm_filter(base)], [ok_route]),
             listener("hit", ports["hit"], [wasm_filter(base)], [idp_route, ok_route]),
             listener("hit3", ports["hit3"], [wasm_filter({**base, "claims_to_headers": CLAIMS})], [idp_route, ok_route]),
+            listener("hit3k", ports["hit3k"],
+                     [wasm_filter({**base, "claims_to_headers": CLAIMS, "recompute_route": False})],
+                     [idp_route, ok_route]),
             listener("miss", ports["miss"], [wasm_filter(base)], [ok_route]),
             listener("jwt_authn", ports["jwt_authn"], [jwt_authn_filter(jwks, False)], [ok_route]),
             listener("jwt_authn_cache", ports["jwt_authn_cache"], [jwt_authn_filter(jwks, True)], [ok_route]),
@@ -172,6 +176,7 @@ def main() -> int:
             "filter loaded, public path (floor)": (url("floor", "/public/x"), None, "200"),
             "token hit, 0 claim headers": (url("hit"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers": (url("hit3"), f"Bearer {sig}", "200"),
+            "token hit, 3 claim headers, recompute_route off": (url("hit3k"), f"Bearer {sig}", "200"),
             "token miss (401)": (url("miss"), "Bearer unknown-signature", "401"),
             "jwt_authn RS256, no cache": (url("jwt_authn"), f"Bearer {full}", "200"),
             "jwt_authn RS256, jwt_cache_config": (url("jwt_authn_cache"), f"Bearer {full}", "200"),

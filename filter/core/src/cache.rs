@@ -13,7 +13,6 @@
 //! An entry evicted from a full store slot may still be served from here until it expires or
 //! ages out; the token itself is genuine and unexpired, so this only delays capacity eviction.
 
-use crate::token::StoreKey;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::rc::Rc;
@@ -43,7 +42,9 @@ impl std::fmt::Debug for Forward {
     }
 }
 
-/// Keys are SHA-256 outputs: their first 8 bytes are already a uniform hash.
+/// Keys are signatures: base64url of a signature, whose first characters are already
+/// uniformly distributed. Only genuine (issued) signatures are ever inserted, so a client cannot
+/// flood a bucket; a lookup compares the whole key.
 #[derive(Default)]
 pub struct PrefixHasher(u64);
 
@@ -61,7 +62,7 @@ impl Hasher for PrefixHasher {
     fn write_usize(&mut self, _: usize) {}
 }
 
-type Map = HashMap<StoreKey, Rc<Forward>, BuildHasherDefault<PrefixHasher>>;
+type Map = HashMap<Box<str>, Rc<Forward>, BuildHasherDefault<PrefixHasher>>;
 
 /// The per-worker cache.
 #[derive(Default)]
@@ -81,8 +82,10 @@ impl LocalCache {
         }
     }
 
-    /// The cached forward for `key`, if present and unexpired at `now`.
-    pub fn get(&mut self, key: &StoreKey, now: u64) -> Option<Rc<Forward>> {
+    /// The cached forward for a signature, if present and unexpired at `now`. Keyed by the
+    /// signature itself, so a repeat hit costs no SHA-256: this memory already holds the rebuilt
+    /// JWT, so the signature adds no exposure (the shared store still never holds it).
+    pub fn get(&mut self, key: &str, now: u64) -> Option<Rc<Forward>> {
         if let Some(hit) = self.current.get(key) {
             if hit.expires_at > now {
                 return Some(Rc::clone(hit));
@@ -94,19 +97,19 @@ impl LocalCache {
         if hit.expires_at <= now {
             return None;
         }
-        self.insert(*key, Rc::clone(&hit));
+        self.insert(key, Rc::clone(&hit));
         Some(hit)
     }
 
     /// Remembers a forward.
-    pub fn insert(&mut self, key: StoreKey, forward: Rc<Forward>) {
+    pub fn insert(&mut self, key: &str, forward: Rc<Forward>) {
         if self.capacity == 0 {
             return;
         }
         if self.current.len() >= self.capacity.div_ceil(2) {
             self.previous = std::mem::take(&mut self.current);
         }
-        self.current.insert(key, forward);
+        self.current.insert(key.into(), forward);
     }
 
     /// Entries held now.
@@ -132,16 +135,14 @@ mod tests {
         })
     }
 
-    fn key(n: u32) -> StoreKey {
-        let mut k = [0u8; 32];
-        k[..4].copy_from_slice(&n.to_le_bytes());
-        StoreKey(k)
+    fn key(n: u32) -> String {
+        format!("sig{n:08}")
     }
 
     #[test]
     fn hits_until_expiry() {
         let mut c = LocalCache::new(8);
-        c.insert(key(1), fwd(100));
+        c.insert(&key(1), fwd(100));
         assert!(c.get(&key(1), 99).is_some());
         assert!(c.get(&key(1), 100).is_none());
         assert!(c.get(&key(1), 50).is_none(), "expired entries are dropped");
@@ -152,7 +153,7 @@ mod tests {
     fn stays_bounded_and_keeps_recent_entries() {
         let mut c = LocalCache::new(100);
         for n in 0..10_000 {
-            c.insert(key(n), fwd(1_000));
+            c.insert(&key(n), fwd(1_000));
             assert!(c.len() <= 100);
         }
         assert!(c.get(&key(9_999), 0).is_some());
@@ -162,11 +163,11 @@ mod tests {
     #[test]
     fn previous_generation_hits_are_promoted() {
         let mut c = LocalCache::new(4);
-        c.insert(key(1), fwd(1_000));
-        c.insert(key(2), fwd(1_000));
-        c.insert(key(3), fwd(1_000)); // key 1 and 2 move to previous
+        c.insert(&key(1), fwd(1_000));
+        c.insert(&key(2), fwd(1_000));
+        c.insert(&key(3), fwd(1_000)); // key 1 and 2 move to previous
         assert!(c.get(&key(1), 0).is_some()); // promoted into current
-        c.insert(key(4), fwd(1_000)); // current (3, 1) full: it becomes previous
+        c.insert(&key(4), fwd(1_000)); // current (3, 1) full: it becomes previous
         assert!(c.get(&key(1), 0).is_some());
         assert!(c.get(&key(2), 0).is_none());
     }
@@ -189,7 +190,7 @@ mod tests {
     #[test]
     fn zero_capacity_disables() {
         let mut c = LocalCache::new(0);
-        c.insert(key(1), fwd(1_000));
+        c.insert(&key(1), fwd(1_000));
         assert!(c.is_empty());
         assert!(c.get(&key(1), 0).is_none());
     }

@@ -61,6 +61,8 @@ struct RawConfig {
     forward_jwt: bool,
     #[serde(default = "defaults::local_cache_entries")]
     local_cache_entries: usize,
+    #[serde(default = "defaults::recompute_route")]
+    recompute_route: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -129,6 +131,9 @@ mod defaults {
     }
     pub fn local_cache_entries() -> usize {
         4096
+    }
+    pub fn recompute_route() -> bool {
+        true
     }
     pub fn refresh_seconds() -> u64 {
         300
@@ -203,6 +208,8 @@ pub struct Config {
     pub forward_jwt: bool,
     /// Rebuilt requests each worker keeps for repeat hits (0: none).
     pub local_cache_entries: usize,
+    /// Have Envoy recompute the route after identity headers changed (when claims are mapped).
+    pub recompute_route: bool,
 }
 
 /// Why a configuration was refused. Each variant names the field at fault.
@@ -375,6 +382,7 @@ impl TryFrom<RawConfig> for Config {
             claims_to_headers,
             forward_jwt: raw.forward_jwt,
             local_cache_entries: raw.local_cache_entries,
+            recompute_route: raw.recompute_route,
             challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
             challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
             challenge,

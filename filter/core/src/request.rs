@@ -117,10 +117,10 @@ pub fn authorize<H: SharedData>(
         }
         Credentials::Signature(s) => s,
     };
-    let key = signature.store_key();
-    if let Some(forward) = cache.get(&key, now) {
+    if let Some(forward) = cache.get(signature.as_str(), now) {
         return Ok(Verdict::Forward(forward));
     }
+    let key = signature.store_key();
     let slot = store
         .fetch_slot(&key)
         .map_err(|e| (Rejection::StoreUnavailable, e))?;
@@ -152,7 +152,7 @@ pub fn authorize<H: SharedData>(
         claim_headers: projection.headers,
         unsafe_claims: projection.unsafe_dropped,
     });
-    cache.insert(key, Rc::clone(&forward));
+    cache.insert(signature.as_str(), Rc::clone(&forward));
     Ok(Verdict::Forward(forward))
 }
 

@@ -657,7 +657,10 @@ impl HttpContext for SplitTokenHttp {
         }
         let path = self.request_header(":path").unwrap_or_default();
         let action = self.route_request(&path);
-        if !self.config.claims_to_headers.is_empty() && action == Action::Continue {
+        if self.config.recompute_route
+            && !self.config.claims_to_headers.is_empty()
+            && action == Action::Continue
+        {
             // Envoy picked the route before this filter ran, possibly on a client-sent identity
             // header: recompute it on the headers as the filter left them.
             let _ = hostcalls::call_foreign_function("clear_route_cache", None);
