@@ -223,6 +223,20 @@ def demo() -> int:
     run_dir = ROOT / ".run" / "demo"
     procs: list[Process] = []
     try:
+        return _run_demo(run_dir, procs)
+    except KeyboardInterrupt:
+        print("\nstopping...")
+        return 0
+    finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for p in reversed(procs):
+            p.stop()
+
+
+def _run_demo(run_dir: Path, procs: list[Process]) -> int:
+    try:
         procs.append(start_idp(8180, run_dir))
         procs.append(start_httpbin(8280, run_dir))
         config = render_config(listen_port=8080, admin_port=9901, idp_port=8180, httpbin_port=8280)
@@ -232,8 +246,8 @@ def demo() -> int:
     except Exception as e:
         for p in procs:
             print(f"--- {p.name} log ({p.log}) ---\n{p.output()[-4000:]}", file=sys.stderr)
-            p.stop()
-        print(f"demo failed to start: {e}", file=sys.stderr)
+        print(f"demo failed to start: {e} (is a previous demo still running on 8080/8180/8280?)",
+              file=sys.stderr)
         return 1
     print(f"""
 split-token demo is running (logs in {run_dir.relative_to(ROOT)}/):
@@ -272,19 +286,12 @@ split-token demo is running (logs in {run_dir.relative_to(ROOT)}/):
 
 Press Ctrl-C to stop everything.
 """, flush=True)
-    try:
-        while all(p.alive() for p in procs):
-            time.sleep(0.5)
-        dead = [p for p in procs if not p.alive()]
-        for p in dead:
+    while all(p.alive() for p in procs):
+        time.sleep(0.5)
+    for p in procs:
+        if not p.alive():
             print(f"{p.name} exited; last log lines:\n{p.output()[-2000:]}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\nstopping...")
-        return 0
-    finally:
-        for p in reversed(procs):
-            p.stop()
+    return 1
 
 
 if __name__ == "__main__":
