@@ -169,6 +169,24 @@ def render_config(
     return config
 
 
+def wasm_http_filter(settings: dict) -> dict:
+    """The split-token HTTP filter entry, as the shipped configs write it, for generated configs."""
+    return {
+        "name": "split-token",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+            "config": {
+                "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_CLOSED",
+                "allow_on_headers_stop_iteration": True,
+                "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
+                              "code": {"local": {"filename": str(WASM)}}},
+                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                                  "value": json.dumps(settings)},
+            },
+        },
+    }
+
+
 class Envoy:
     """A running Envoy with handy accessors for its listener, admin and logs."""
 

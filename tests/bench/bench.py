@@ -37,21 +37,7 @@ ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
 
 
-def wasm_filter(settings: dict) -> dict:
-    return {
-        "name": "split-token",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_CLOSED",
-                "allow_on_headers_stop_iteration": True,
-                "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(stack.WASM)}}},
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                  "value": json.dumps(settings)},
-            },
-        },
-    }
+wasm_filter = stack.wasm_http_filter
 
 
 def jwt_authn_filter(jwks: str, cache: bool) -> dict:

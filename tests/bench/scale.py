@@ -59,20 +59,7 @@ def signature(i: int, exp: int) -> tuple[str, int]:
 
 
 def envoy_config(token_port: int, settings: dict) -> dict:
-    wasm = {
-        "name": "split-token",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_CLOSED",
-                "allow_on_headers_stop_iteration": True,
-                "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(stack.WASM)}}},
-                "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                  "value": json.dumps(settings)},
-            },
-        },
-    }
+    wasm = stack.wasm_http_filter(settings)
     routes = [
         {"match": {"path": "/token"}, "route": {"cluster": "tokens"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},

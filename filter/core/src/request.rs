@@ -199,6 +199,28 @@ mod tests {
         );
     }
 
+    fn store_of<'a>(config: &'a Config, host: &'a MemoryData) -> Store<'a, MemoryData> {
+        Store::new(
+            host,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        )
+    }
+
+    /// Stores the test JWT (expiring at 100) and returns its signature.
+    fn store_jwt(store: &Store<'_, MemoryData>) -> &'static str {
+        let (hp, sig) = JWT.rsplit_once('.').unwrap();
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        let entry = Entry {
+            key,
+            expires_at: 100,
+            header_payload: hp.as_bytes(),
+        };
+        store.put(&entry, 0).unwrap();
+        sig
+    }
+
     fn setup(full_jwt: &str) -> (Config, MemoryData) {
         let config = Config::from_json(
             format!(r#"{{"token_paths": ["/t"], "full_jwt": "{full_jwt}", "store_slots": 8}}"#)
@@ -211,24 +233,8 @@ mod tests {
     #[test]
     fn known_signature_is_rebuilt_byte_identically() {
         let (config, host) = setup("reject");
-        let store = Store::new(
-            &host,
-            &config.store_prefix,
-            config.store_slots,
-            config.slot_capacity,
-        );
-        let (hp, sig) = JWT.rsplit_once('.').unwrap();
-        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        let store = store_of(&config, &host);
+        let sig = store_jwt(&store);
         let auth = format!("Bearer {sig}");
         let mut cache = LocalCache::new(0);
         let verdict = authorize(&config, &store, &mut cache, Some(auth.as_bytes()), 10).unwrap();
@@ -250,12 +256,7 @@ mod tests {
     #[test]
     fn rejections() {
         let (config, host) = setup("reject");
-        let store = Store::new(
-            &host,
-            &config.store_prefix,
-            config.store_slots,
-            config.slot_capacity,
-        );
+        let store = store_of(&config, &host);
         let cases: [(Option<&[u8]>, Rejection); 6] = [
             (None, Rejection::MissingCredentials),
             (Some(b"Basic eA=="), Rejection::MissingCredentials),
@@ -282,24 +283,8 @@ mod tests {
         )
         .unwrap();
         let host = MemoryData::default();
-        let store = Store::new(
-            &host,
-            &config.store_prefix,
-            config.store_slots,
-            config.slot_capacity,
-        );
-        let (hp, sig) = JWT.rsplit_once('.').unwrap();
-        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        let store = store_of(&config, &host);
+        let sig = store_jwt(&store);
         let mut cache = LocalCache::new(16);
         let verdict = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
         assert_eq!(
@@ -316,24 +301,8 @@ mod tests {
     #[test]
     fn cache_serves_repeat_hits_without_the_store_and_honours_expiry() {
         let (config, host) = setup("reject");
-        let store = Store::new(
-            &host,
-            &config.store_prefix,
-            config.store_slots,
-            config.slot_capacity,
-        );
-        let (hp, sig) = JWT.rsplit_once('.').unwrap();
-        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        let store = store_of(&config, &host);
+        let sig = store_jwt(&store);
         let mut cache = LocalCache::new(16);
         let first = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
         host.map.borrow_mut().clear(); // the store forgets; the worker's cache still knows
@@ -347,12 +316,7 @@ mod tests {
     #[test]
     fn full_jwt_passes_through_when_allowed() {
         let (config, host) = setup("allow");
-        let store = Store::new(
-            &host,
-            &config.store_prefix,
-            config.store_slots,
-            config.slot_capacity,
-        );
+        let store = store_of(&config, &host);
         let auth = format!("Bearer {JWT}");
         assert_eq!(
             authorize(
