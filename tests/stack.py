@@ -110,6 +110,7 @@ def start_httpbin(port: int, run_dir: Path) -> Process:
     argv = [str(GUNICORN_BIN), "-b", f"127.0.0.1:{port}", "-w", "2", "--threads", "8",
             "--access-logfile", "-", "httpbin:app"]
     p = Process("httpbin", argv, run_dir / f"httpbin-{port}.log")
+    p.port = port
     wait_for("httpbin", lambda: http_ok(f"http://127.0.0.1:{port}/get"), proc=p.proc)
     return p
 

@@ -67,28 +67,31 @@ def run_dir() -> Path:
     return d
 
 
+_started: list = []
+_procs: list = []
+
+
+def _session_process(start, run_dir):
+    """Starts a shared part on a free port; its log is printed when a test fails."""
+    proc = start(stack.free_port(), run_dir)
+    _procs.append(proc)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def idp(run_dir):
-    port = stack.free_port()
-    proc = stack.start_idp(port, run_dir)
-    proc.port = port
-    _procs.append(proc)
+    proc = _session_process(stack.start_idp, run_dir)
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="session")
 def httpbin(run_dir):
-    port = stack.free_port()
-    proc = stack.start_httpbin(port, run_dir)
-    proc.port = port
-    _procs.append(proc)
+    proc = _session_process(stack.start_httpbin, run_dir)
     yield proc
     proc.stop()
 
 
-_started: list = []
-_procs: list = []
 
 
 @pytest.fixture(scope="session")
