@@ -144,6 +144,7 @@ def render_config(
     httpbin_port: int,
     filter_config: dict | str | None = None,
     extra_routes: list[dict] | None = None,
+    extra_clusters: list[dict] | None = None,
     base: dict | None = None,
 ) -> dict:
     """The demo config with ports, the wasm path and (optionally) the filter config replaced."""
@@ -167,7 +168,17 @@ def render_config(
     if extra_routes:
         routes = _hcm(config)["route_config"]["virtual_hosts"][0]["routes"]
         routes[:0] = extra_routes
+    config["static_resources"]["clusters"] += extra_clusters or []
     return config
+
+
+def static_cluster(name: str, port: int) -> dict:
+    """An HTTP/1.1 cluster of one loopback endpoint."""
+    return {
+        "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+            "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
+    }
 
 
 def wasm_http_filter(settings: dict) -> dict:

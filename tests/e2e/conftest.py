@@ -92,15 +92,13 @@ def httpbin(run_dir):
     proc.stop()
 
 
-
-
 @pytest.fixture(scope="session")
 def start_gateway(run_dir, idp, httpbin):
     """Starts an Envoy with the demo config, the given filter settings and options."""
     counter = iter(range(1000))
 
     def start(filter_config=None, *, concurrency=1, extra_routes=None, wait=True, log_level="info",
-              extra_args=None, name=None, idp_port=None) -> Gateway:
+              extra_args=None, name=None, idp_port=None, extra_clusters=None) -> Gateway:
         routes = [
             {"match": {"path": path}, "route": {"cluster": "httpbin", "prefix_rewrite": target}}
             for path, target in BAD_TOKEN_ROUTES.items()
@@ -113,7 +111,7 @@ def start_gateway(run_dir, idp, httpbin):
             listen_port=stack.free_port(), admin_port=stack.free_port(),
             idp_port=idp_port, httpbin_port=httpbin.port,
             filter_config=BASE_FILTER if filter_config is None else filter_config,
-            extra_routes=routes,
+            extra_routes=routes, extra_clusters=extra_clusters,
         )
         envoy = stack.Envoy(config, run_dir, name=name or f"envoy-{next(counter)}",
                             concurrency=concurrency, log_level=log_level, extra_args=extra_args)
