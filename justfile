@@ -17,6 +17,10 @@ build:
     cargo build --release --target wasm32-wasip1 -p split-token-filter
     @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
 
+# The .wasm with fault injection, for the VM-failure tests only: never ship it
+build-fault:
+    cargo build --profile fault --target wasm32-wasip1 -p split-token-filter --features fault-injection
+
 # Run the Tyk-style walkthrough: IdP, httpbin and Envoy on loopback; Ctrl-C stops them
 demo: deps build
     {{venv}}/bin/python tests/stack.py demo
@@ -33,7 +37,7 @@ unit:
     cargo test --workspace
 
 # End-to-end tests against real Envoy, IdP and httpbin; extra args go to pytest
-e2e *args: deps build
+e2e *args: deps build build-fault
     {{venv}}/bin/pytest tests/e2e {{args}}
 
 # Everything CI runs (the benchmark smoke run checks the bench still works, not its numbers)

@@ -172,6 +172,27 @@ def render_config(
     return config
 
 
+def listener_via_lds(config: dict, lds_path: Path) -> dict:
+    """Moves the listener of a rendered config into an LDS file Envoy watches, so a test can
+    change the filter config by rewriting the file (see `write_lds`). Returns the listener."""
+    listener = config["static_resources"].pop("listeners")[0]
+    config["node"] = {"id": "split-token", "cluster": "split-token"}  # required with LDS
+    config["dynamic_resources"] = {"lds_config": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": str(lds_path), "watched_directory": {"path": str(lds_path.parent)}},
+    }}
+    write_lds(lds_path, listener)
+    return listener
+
+
+def write_lds(lds_path: Path, listener: dict):
+    """Replaces the LDS file atomically (a rename is what Envoy's directory watch reacts to)."""
+    resource = {"@type": "type.googleapis.com/envoy.config.listener.v3.Listener", **listener}
+    tmp = lds_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"resources": [resource]}, indent=1))
+    tmp.rename(lds_path)
+
+
 def static_cluster(name: str, port: int) -> dict:
     """An HTTP/1.1 cluster of one loopback endpoint."""
     return {
@@ -188,7 +209,7 @@ def wasm_http_filter(settings: dict) -> dict:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
             "config": {
-                "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_CLOSED",
+                "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_RELOAD",
                 "allow_on_headers_stop_iteration": True,
                 "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
                               "code": {"local": {"filename": str(WASM)}}},
@@ -203,12 +224,14 @@ class Envoy:
     """A running Envoy with handy accessors for its listener, admin and logs."""
 
     def __init__(self, config: dict, run_dir: Path, name: str = "envoy", concurrency: int = 1,
-                 log_level: str = "info", extra_args: list[str] | None = None):
+                 log_level: str = "info", extra_args: list[str] | None = None,
+                 listen_port: int | None = None):
         self.config = config
         run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = run_dir / f"{name}.json"
         self.config_path.write_text(json.dumps(config, indent=1))
-        self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        self.port = listen_port or (
+            config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"])
         self.admin_port = config["admin"]["address"]["socket_address"]["port_value"]
         argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(concurrency),
                 "-l", log_level, "--base-id", str(free_port()),

@@ -98,7 +98,10 @@ def start_gateway(run_dir, idp, httpbin):
     counter = iter(range(1000))
 
     def start(filter_config=None, *, concurrency=1, extra_routes=None, wait=True, log_level="info",
-              extra_args=None, name=None, idp_port=None, extra_clusters=None) -> Gateway:
+              extra_args=None, name=None, idp_port=None, extra_clusters=None,
+              customize=None, lds=False) -> Gateway:
+        """`customize(config)` edits the rendered config in place; `lds=True` serves the
+        listener from a watched file, so `gateway.reload(settings)` can change it live."""
         routes = [
             {"match": {"path": path}, "route": {"cluster": "httpbin", "prefix_rewrite": target}}
             for path, target in BAD_TOKEN_ROUTES.items()
@@ -113,12 +116,25 @@ def start_gateway(run_dir, idp, httpbin):
             filter_config=BASE_FILTER if filter_config is None else filter_config,
             extra_routes=routes, extra_clusters=extra_clusters,
         )
-        envoy = stack.Envoy(config, run_dir, name=name or f"envoy-{next(counter)}",
-                            concurrency=concurrency, log_level=log_level, extra_args=extra_args)
+        if customize:
+            customize(config)
+        name = name or f"envoy-{next(counter)}"
+        listen_port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
+        lds_path = run_dir / f"{name}-lds" / "lds.json" if lds else None
+        if lds_path:
+            lds_path.parent.mkdir(parents=True, exist_ok=True)
+            listener = stack.listener_via_lds(config, lds_path)
+        envoy = stack.Envoy(config, run_dir, name=name, concurrency=concurrency,
+                            log_level=log_level, extra_args=extra_args, listen_port=listen_port)
         _started.append(envoy)
+        gateway = Gateway(envoy, idp_port=idp_port)
+        if lds_path:
+            gateway.lds = (lds_path, listener)
         if wait:
             envoy.wait_ready()
-        return Gateway(envoy, idp_port=idp_port)
+            if lds_path:
+                stack.wait_for("listener from LDS", lambda: gateway.call(path="/public/x").status_code == 200)
+        return gateway
 
     yield start
     for envoy in _started:

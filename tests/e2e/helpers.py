@@ -42,6 +42,7 @@ class Gateway:
     def __init__(self, envoy: stack.Envoy, idp_port: int):
         self.envoy = envoy
         self.idp_port = idp_port
+        self.lds: tuple | None = None  # (path, listener) when the listener comes from LDS
 
     @property
     def url(self) -> str:
@@ -81,6 +82,28 @@ class Gateway:
 
     def stats(self) -> dict[str, int]:
         return self.envoy.stats()
+
+    def reload(self, settings: dict | None = None, vm_id: str | None = None) -> str:
+        """Rewrites the LDS listener with new filter settings (or a new vm_id) and waits until
+        Envoy has taken the update: returns "accepted" or "rejected"."""
+        lds_path, listener = self.lds
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "split-token"]
+        if settings is not None:
+            wasm["typed_config"]["config"]["configuration"]["value"] = json.dumps(settings)
+        if vm_id is not None:
+            wasm["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
+        before = self.stats()
+        stack.write_lds(lds_path, listener)
+
+        def outcome():
+            now = self.stats()
+            for result in ("success", "rejected"):
+                name = f"listener_manager.lds.update_{result}"
+                if now.get(name, 0) > before.get(name, 0):
+                    return "accepted" if result == "success" else "rejected"
+            return None
+        return stack.wait_for("LDS update", outcome)
 
     def upstream_requests(self) -> int:
         return self.envoy.stat("cluster.httpbin.upstream_rq_total")

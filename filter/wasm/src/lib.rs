@@ -649,6 +649,10 @@ impl Context for SplitTokenHttp {
 
 impl HttpContext for SplitTokenHttp {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(all(feature = "fault-injection", target_arch = "wasm32"))]
+        if self.request_header("x-split-token-fault").as_deref() == Some(b"trap") {
+            core::arch::wasm32::unreachable();
+        }
         // Identity headers come from verified claims only: whatever a client sent under those
         // names is removed first, on every path and in every outcome. Envoy matches header names
         // case-insensitively and removes every instance.
