@@ -124,6 +124,8 @@ def start_gateway(run_dir, idp, httpbin):
         if lds_path:
             lds_path.parent.mkdir(parents=True, exist_ok=True)
             listener = stack.listener_via_lds(config, lds_path)
+            # A replaced listener drains for this long (600 s by default) before it goes away.
+            extra_args = (extra_args or []) + ["--drain-time-s", "1"]
         envoy = stack.Envoy(config, run_dir, name=name, concurrency=concurrency,
                             log_level=log_level, extra_args=extra_args, listen_port=listen_port)
         _started.append(envoy)

@@ -83,9 +83,10 @@ class Gateway:
     def stats(self) -> dict[str, int]:
         return self.envoy.stats()
 
-    def reload(self, settings: dict | None = None, vm_id: str | None = None) -> str:
-        """Rewrites the LDS listener with new filter settings (or a new vm_id) and waits until
-        Envoy has taken the update: returns "accepted" or "rejected"."""
+    def reload(self, settings: dict | None = None, vm_id: str | None = None,
+               code: str | None = None) -> str:
+        """Rewrites the LDS listener with new filter settings (or a new vm_id, or other .wasm
+        code) and waits until Envoy has taken the update: returns "accepted" or "rejected"."""
         lds_path, listener = self.lds
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
         (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "split-token"]
@@ -93,6 +94,8 @@ class Gateway:
             wasm["typed_config"]["config"]["configuration"]["value"] = json.dumps(settings)
         if vm_id is not None:
             wasm["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
+        if code is not None:
+            wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = code
         before = self.stats()
         stack.write_lds(lds_path, listener)
 
@@ -103,7 +106,15 @@ class Gateway:
                 if now.get(name, 0) > before.get(name, 0):
                     return "accepted" if result == "success" else "rejected"
             return None
-        return stack.wait_for("LDS update", outcome)
+        result = stack.wait_for("LDS update", outcome)
+
+        def settled():
+            now = self.stats()
+            return all(now.get(f"listener_manager.total_listeners_{state}", 0) == 0
+                       for state in ("warming", "draining"))
+        # Only the new listener serves from here on.
+        stack.wait_for("listener swap", settled)
+        return result
 
     def upstream_requests(self) -> int:
         return self.envoy.stat("cluster.httpbin.upstream_rq_total")
