@@ -96,9 +96,12 @@ class Process:
             return ""
 
 
-def start_idp(port: int, run_dir: Path, alg: str = "RS256") -> Process:
-    """oauth2-mock-server through tests/idp/server.js (adds sub/email/roles claims on request)."""
+def start_idp(port: int, run_dir: Path, alg: str = "RS256", record: Path | None = None) -> Process:
+    """oauth2-mock-server through tests/idp/server.js (adds sub/email/roles claims on request,
+    binds tokens to DPoP keys; with `record`, logs revocation requests there as JSON lines)."""
     argv = ["node", str(IDP_SCRIPT), str(port), "--alg", alg]
+    if record:
+        argv += ["--record", str(record)]
     log = run_dir / f"idp-{port}.log"
     p = Process("idp", argv, log)
     p.port = port

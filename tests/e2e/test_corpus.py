@@ -412,9 +412,9 @@ def assert_no_leak(x: Exchange, tokens: Tokens):
     assert not JWT_PREFIX.search(x.raw), f"something JWT-shaped reached the client: {x!r}"
 
 
-def assert_challenge(x: Exchange, status: int, error: str | None):
+def assert_challenge(x: Exchange, status: int, error: str | None, realm: str = REALM):
     assert x.status == status and not x.broken, x
-    challenge = REALM if error is None else f'{REALM}, error="{error}"'
+    challenge = realm if error is None else f'{realm}, error="{error}"'
     assert x.headers.get("www-authenticate") == challenge, x
     assert x.headers.get("content-type") == "application/json", x
     assert x.json().get("error") == error, x
@@ -445,6 +445,8 @@ def check_expectation(x: Exchange, expect, upstream: list, verified: str | None,
         assert_challenge(x, 401, "invalid_token")
     elif expect == "invalid_request":
         assert_challenge(x, 400, "invalid_request")
+    elif expect == "invalid_dpop_proof":
+        assert_challenge(x, 401, "invalid_dpop_proof", realm='DPoP realm="split-token"')
     else:
         assert isinstance(expect, int), f"unknown expectation {expect!r}"
         assert x.status == expect, x

@@ -4,13 +4,40 @@
 // `email` and `realm_access.roles` claims (Keycloak's shape), so the gateway's claim projection
 // can be shown and tested with a real RS256 IdP.
 //
-// usage: node tests/idp/server.js PORT [--alg RS256|ES256|PS256|EdDSA] [--jwk FILE]
+// A token request with a `DPoP` proof header gets a DPoP-bound token (RFC 9449): `cnf.jkt` is the
+// thumbprint of the proof's key and `token_type` is "DPoP". The proof itself is not checked
+// here: it only carries the client's key. With `--record FILE`, every revocation request body
+// the IdP receives is appended to FILE as a JSON line, so tests can see what was forwarded.
+//
+// usage: node tests/idp/server.js PORT [--alg RS256|ES256|PS256|EdDSA] [--jwk FILE] [--record FILE]
 'use strict';
 const path = require('node:path');
 const fs = require('node:fs');
 
 const modules = path.join(__dirname, '..', '..', '.deps', 'idp', 'node_modules');
 const { OAuth2Server } = require(path.join(modules, 'oauth2-mock-server'));
+const { decodeProtectedHeader } = require(path.join(modules, 'jose'));
+const crypto = require('node:crypto');
+
+// RFC 7638 thumbprint: SHA-256 of the key's required members, in lexicographic order.
+function thumbprint(jwk) {
+  const members = { EC: ['crv', 'kty', 'x', 'y'], RSA: ['e', 'kty', 'n'], OKP: ['crv', 'kty', 'x'] }[jwk.kty];
+  if (!members) throw new Error(`unsupported kty ${jwk.kty}`);
+  const canonical = JSON.stringify(Object.fromEntries(members.map((m) => [m, jwk[m]])));
+  return crypto.createHash('sha256').update(canonical).digest('base64url');
+}
+
+// The DPoP key of a client_credentials token request, if it sent a proof.
+function proofKey(req) {
+  const proof = req.headers.dpop;
+  if (typeof proof !== 'string' || (req.body || {}).grant_type !== 'client_credentials') return undefined;
+  try {
+    return thumbprint(decodeProtectedHeader(proof).jwk);
+  } catch (e) {
+    console.error(`ignoring an unusable DPoP proof: ${e.message}`);
+    return undefined;
+  }
+}
 
 async function main() {
   const args = process.argv.slice(2);
@@ -34,6 +61,8 @@ async function main() {
 
   server.service.on('beforeTokenSigning', (token, req) => {
     const body = req.body || {};
+    const jkt = proofKey(req);
+    if (jkt) token.payload.cnf = { jkt };
     if (typeof body.sub === 'string') token.payload.sub = body.sub;
     if (typeof body.email === 'string') token.payload.email = body.email;
     if (typeof body.roles === 'string') {
@@ -43,6 +72,23 @@ async function main() {
       token.payload.exp = Math.floor(Date.now() / 1000) + Number(body.exp_in);
     }
   });
+
+  server.service.on('beforeResponse', (response, req) => {
+    if (proofKey(req) && response.body && response.body.access_token) {
+      response.body.token_type = 'DPoP';
+    }
+  });
+  const record = option('--record');
+  if (record) {
+    // The mock does not parse revocation bodies: read the form here.
+    server.service.on('beforeRevoke', (_response, req) => {
+      let raw = '';
+      req.on('data', (chunk) => { raw += chunk; });
+      req.on('end', () => {
+        fs.appendFileSync(record, JSON.stringify(Object.fromEntries(new URLSearchParams(raw))) + '\n');
+      });
+    });
+  }
 
   await server.start(port, '127.0.0.1');
   const kids = server.issuer.keys.toJSON().map((k) => k.kid);

@@ -28,6 +28,8 @@ pub struct Forward {
     pub claim_headers: Vec<(usize, String)>,
     /// Claims not projected because their value had a control character.
     pub unsafe_claims: u32,
+    /// The token carries `cnf.jkt` (RFC 9449): it must come with the `DPoP` scheme.
+    pub dpop_bound: bool,
 }
 
 /// Never print the rebuilt JWT or claim values, even in a debug log.
@@ -38,6 +40,7 @@ impl std::fmt::Debug for Forward {
             .field("forward_jwt", &self.authorization.is_some())
             .field("claim_headers", &self.claim_headers.len())
             .field("unsafe_claims", &self.unsafe_claims)
+            .field("dpop_bound", &self.dpop_bound)
             .finish()
     }
 }
@@ -70,6 +73,8 @@ pub struct LocalCache {
     capacity: usize,
     current: Map,
     previous: Map,
+    /// The store's revocation epoch this cache is valid for.
+    epoch: u64,
 }
 
 impl LocalCache {
@@ -79,6 +84,17 @@ impl LocalCache {
             capacity,
             current: Map::default(),
             previous: Map::default(),
+            epoch: 0,
+        }
+    }
+
+    /// Forgets everything when a token was revoked since the last call (the store's revocation
+    /// epoch moved): a revoked token must not be served from here, on any worker.
+    pub fn sync(&mut self, epoch: u64) {
+        if epoch != self.epoch {
+            self.current.clear();
+            self.previous.clear();
+            self.epoch = epoch;
         }
     }
 
@@ -132,6 +148,7 @@ mod tests {
             authorization: Some("Bearer x".into()),
             claim_headers: vec![],
             unsafe_claims: 0,
+            dpop_bound: false,
         })
     }
 
@@ -179,6 +196,7 @@ mod tests {
             authorization: Some("Bearer eyJsecret".into()),
             claim_headers: vec![(0, "alice".into())],
             unsafe_claims: 0,
+            dpop_bound: false,
         };
         let shown = format!("{f:?}");
         assert!(

@@ -150,14 +150,7 @@ pub fn project(header_payload: &[u8], mappings: &[ClaimHeader]) -> Projection {
     if mappings.is_empty() {
         return projection;
     }
-    let Some(payload) = header_payload
-        .iter()
-        .position(|&b| b == b'.')
-        .and_then(|dot| header_payload.get(dot + 1..))
-    else {
-        return projection;
-    };
-    let Ok(json) = URL_SAFE_NO_PAD.decode(payload) else {
+    let Some(json) = decode_payload(header_payload) else {
         return projection;
     };
     let Ok(claims) = serde_json::from_slice::<Value>(&json) else {
@@ -171,6 +164,28 @@ pub fn project(header_payload: &[u8], mappings: &[ClaimHeader]) -> Projection {
         }
     }
     projection
+}
+
+/// The payload of a `header.payload`, base64url-decoded.
+fn decode_payload(header_payload: &[u8]) -> Option<Vec<u8>> {
+    let dot = header_payload.iter().position(|&b| b == b'.')?;
+    URL_SAFE_NO_PAD.decode(header_payload.get(dot + 1..)?).ok()
+}
+
+/// Whether a token is DPoP-bound: its payload has a `cnf.jkt` string (RFC 9449 §6.1). Runs once
+/// per token per worker (the result is cached); the JSON is parsed only when `cnf` can be in it.
+pub fn is_dpop_bound(header_payload: &[u8]) -> bool {
+    let Some(json) = decode_payload(header_payload) else {
+        return false;
+    };
+    // `"cnf"`, however its first letter is escaped, ends in `nf"`.
+    if !json.windows(3).any(|w| w == b"nf\"") {
+        return false;
+    }
+    serde_json::from_slice::<Value>(&json)
+        .ok()
+        .and_then(|claims| claims.get("cnf")?.get("jkt")?.as_str().map(|_| ()))
+        .is_some()
 }
 
 #[cfg(test)]

@@ -36,6 +36,10 @@ pub enum FullJwtPolicy {
 struct RawConfig {
     token_paths: Vec<String>,
     #[serde(default)]
+    revocation_paths: Vec<String>,
+    #[serde(default)]
+    logout_paths: Vec<String>,
+    #[serde(default)]
     public_prefixes: Vec<String>,
     #[serde(default)]
     full_jwt: FullJwtPolicy,
@@ -178,6 +182,10 @@ pub struct VerifyConfig {
 pub struct Config {
     /// Exact request paths (query ignored) whose responses carry tokens to split.
     pub token_paths: Vec<String>,
+    /// Exact paths of RFC 7009 revocation endpoints: the token is revoked here and at the IdP.
+    pub revocation_paths: Vec<String>,
+    /// Exact paths of logout endpoints called with the token: revoked here, then forwarded.
+    pub logout_paths: Vec<String>,
     /// Path prefixes that pass through without a token.
     pub public_prefixes: Vec<String>,
     /// What a full JWT presented by a client means.
@@ -198,6 +206,10 @@ pub struct Config {
     pub challenge_invalid_token: String,
     /// `WWW-Authenticate` header value for malformed requests, precomputed.
     pub challenge_invalid_request: String,
+    /// `WWW-Authenticate` for a DPoP-bound token presented the wrong way, precomputed.
+    pub challenge_dpop_invalid_token: String,
+    /// `WWW-Authenticate` for a DPoP request without a usable proof, precomputed.
+    pub challenge_dpop_invalid_proof: String,
     /// Largest token response body the filter buffers.
     pub max_token_response_bytes: usize,
     /// Verification at issuance, when configured.
@@ -302,12 +314,28 @@ impl TryFrom<RawConfig> for Config {
         for (i, p) in raw.token_paths.iter().enumerate() {
             check_path("token_paths", i, p)?;
         }
+        let mut handled: Vec<&str> = raw.token_paths.iter().map(String::as_str).collect();
+        for (field, paths) in [
+            ("revocation_paths", &raw.revocation_paths),
+            ("logout_paths", &raw.logout_paths),
+        ] {
+            for (i, p) in paths.iter().enumerate() {
+                check_path(field, i, p)?;
+                if handled.contains(&p.as_str()) {
+                    return Err(invalid(
+                        format!("{field}[{i}]"),
+                        format!("{p:?} is already a token, revocation or logout path"),
+                    ));
+                }
+                handled.push(p);
+            }
+        }
         for (i, p) in raw.public_prefixes.iter().enumerate() {
             check_path("public_prefixes", i, p)?;
-            if let Some(t) = raw.token_paths.iter().find(|t| t.starts_with(p.as_str())) {
+            if let Some(t) = handled.iter().find(|t| t.starts_with(p.as_str())) {
                 return Err(invalid(
                     format!("public_prefixes[{i}]"),
-                    format!("{p:?} would make token path {t:?} public; token paths are handled on their own"),
+                    format!("{p:?} would make path {t:?} public; token, revocation and logout paths are handled on their own"),
                 ));
             }
         }
@@ -385,8 +413,18 @@ impl TryFrom<RawConfig> for Config {
             recompute_route: raw.recompute_route,
             challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
             challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
+            challenge_dpop_invalid_token: format!(
+                "DPoP realm=\"{}\", error=\"invalid_token\"",
+                raw.realm
+            ),
+            challenge_dpop_invalid_proof: format!(
+                "DPoP realm=\"{}\", error=\"invalid_dpop_proof\"",
+                raw.realm
+            ),
             challenge,
             token_paths: raw.token_paths,
+            revocation_paths: raw.revocation_paths,
+            logout_paths: raw.logout_paths,
             public_prefixes: raw.public_prefixes,
             full_jwt: raw.full_jwt,
             strip_response_fields: raw.strip_response_fields,
@@ -544,6 +582,10 @@ fn verify_config(raw: RawVerify) -> Result<VerifyConfig, ConfigError> {
 pub enum Route {
     /// A token endpoint: its response is split.
     TokenEndpoint,
+    /// A revocation endpoint (RFC 7009): the body names the token to revoke.
+    Revocation,
+    /// A logout endpoint: authorized like an API call, and the token is revoked.
+    Logout,
     /// A public prefix: passed through untouched.
     Public,
     /// Everything else: a valid token is required.
@@ -551,6 +593,11 @@ pub enum Route {
 }
 
 impl Config {
+    /// Whether tokens can be revoked, so workers must watch the revocation epoch.
+    pub fn revocation_enabled(&self) -> bool {
+        !self.revocation_paths.is_empty() || !self.logout_paths.is_empty()
+    }
+
     /// Classifies a request by its `:path` (query string and fragment ignored).
     pub fn route(&self, path: &[u8]) -> Route {
         let end = path
@@ -558,8 +605,13 @@ impl Config {
             .position(|&b| b == b'?' || b == b'#')
             .unwrap_or(path.len());
         let path = path.get(..end).unwrap_or(path);
-        if self.token_paths.iter().any(|t| t.as_bytes() == path) {
+        let exact = |paths: &[String]| paths.iter().any(|t| t.as_bytes() == path);
+        if exact(&self.token_paths) {
             Route::TokenEndpoint
+        } else if exact(&self.revocation_paths) {
+            Route::Revocation
+        } else if exact(&self.logout_paths) {
+            Route::Logout
         } else if self
             .public_prefixes
             .iter()

@@ -30,6 +30,7 @@ pub mod keys;
 pub mod reply;
 pub mod request;
 pub mod response;
+pub mod revoke;
 pub mod stats;
 pub mod store;
 pub mod token;

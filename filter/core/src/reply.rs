@@ -72,6 +72,31 @@ impl Rejection {
                     "the token store cannot be read",
                 ),
             },
+            // RFC 9449 §7.1: DPoP errors carry a DPoP challenge.
+            Self::MissingDpopProof => LocalReply {
+                status: 401,
+                www_authenticate: Some(&config.challenge_dpop_invalid_proof),
+                body: json(
+                    Some("invalid_dpop_proof"),
+                    "the DPoP scheme needs exactly one proof in a DPoP header",
+                ),
+            },
+            Self::DpopBoundAsBearer => LocalReply {
+                status: 401,
+                www_authenticate: Some(&config.challenge_dpop_invalid_token),
+                body: json(
+                    Some("invalid_token"),
+                    "this token is bound to a key: present it with the DPoP scheme and a proof",
+                ),
+            },
+            Self::DpopNotBound => LocalReply {
+                status: 401,
+                www_authenticate: Some(&config.challenge_dpop_invalid_token),
+                body: json(
+                    Some("invalid_token"),
+                    "this token is not bound to a key: present it with the Bearer scheme",
+                ),
+            },
         }
     }
 
@@ -85,7 +110,38 @@ impl Rejection {
             Self::Unknown => Counter::RejectedUnknown,
             Self::Expired => Counter::RejectedExpired,
             Self::StoreUnavailable => Counter::RejectedStoreUnavailable,
+            Self::MissingDpopProof => Counter::RejectedMissingDpopProof,
+            Self::DpopBoundAsBearer | Self::DpopNotBound => Counter::RejectedDpopBinding,
         }
+    }
+}
+
+/// The answer to a revocation the gateway settles itself: RFC 7009 §2.2's `200` with an empty
+/// body, the same whether or not the token existed.
+pub fn revocation_done() -> LocalReply<'static> {
+    LocalReply {
+        status: 200,
+        www_authenticate: None,
+        body: String::new(),
+    }
+}
+
+/// The answer to a revocation request that cannot be handled.
+pub fn revocation_failure(failure: &crate::revoke::Failure) -> LocalReply<'static> {
+    match failure {
+        crate::revoke::Failure::Request(e) => LocalReply {
+            status: 400,
+            www_authenticate: None,
+            body: json(Some("invalid_request"), &e.to_string()),
+        },
+        crate::revoke::Failure::Store(_) => LocalReply {
+            status: 503,
+            www_authenticate: None,
+            body: json(
+                Some("temporarily_unavailable"),
+                "the token store cannot be changed",
+            ),
+        },
     }
 }
 

@@ -22,9 +22,12 @@ pub enum Credentials<'a> {
     FullJwt,
     /// A signature, the only thing clients of this gateway hold.
     Signature(Signature<'a>),
+    /// A signature under the `DPoP` scheme (RFC 9449): a sender-constrained token.
+    Dpop(Signature<'a>),
 }
 
-/// Parses an `Authorization` value: `Bearer <token>` (scheme case-insensitive) or a bare token.
+/// Parses an `Authorization` value: `Bearer <token>` or `DPoP <token>` (schemes
+/// case-insensitive), or a bare token.
 pub fn parse_authorization(value: Option<&[u8]>) -> Credentials<'_> {
     let Some(value) = value.map(<[u8]>::trim_ascii) else {
         return Credentials::Absent;
@@ -35,22 +38,41 @@ pub fn parse_authorization(value: Option<&[u8]>) -> Credentials<'_> {
     if value.contains(&b',') {
         return Credentials::Multiple;
     }
-    let token = match value.iter().position(|&b| b == b' ' || b == b'\t') {
+    let is_scheme = |s: &[u8]| s.eq_ignore_ascii_case(b"bearer") || s.eq_ignore_ascii_case(b"dpop");
+    let (dpop, token) = match value.iter().position(|&b| b == b' ' || b == b'\t') {
         Some(space) => {
             let (scheme, rest) = value.split_at(space);
-            if !scheme.eq_ignore_ascii_case(b"bearer") {
+            if !is_scheme(scheme) {
                 return Credentials::OtherScheme;
             }
-            rest.trim_ascii()
+            (scheme.eq_ignore_ascii_case(b"dpop"), rest.trim_ascii())
         }
-        None if value.eq_ignore_ascii_case(b"bearer") => return Credentials::Malformed,
-        None => value,
+        None if is_scheme(value) => return Credentials::Malformed,
+        None => (false, value),
     };
     let dots = token.iter().filter(|&&b| b == b'.').count();
     if dots == 2 && token.split(|&b| b == b'.').all(crate::token::is_base64url) {
         return Credentials::FullJwt;
     }
-    Signature::parse(token).map_or(Credentials::Malformed, Credentials::Signature)
+    match Signature::parse(token) {
+        Some(s) if dpop => Credentials::Dpop(s),
+        Some(s) => Credentials::Signature(s),
+        None => Credentials::Malformed,
+    }
+}
+
+/// Whether a `DPoP` request header holds one proof JWT (RFC 9449 §4.2). Its signature, key and
+/// claims are for the upstream to check; the gateway only makes sure one is there.
+pub fn has_dpop_proof(value: Option<&[u8]>) -> bool {
+    value.map(<[u8]>::trim_ascii).is_some_and(|v| {
+        v.split(|&b| b == b'.').count() == 3
+            && v.split(|&b| b == b'.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .iter()
+                        .all(|&b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            })
+    })
 }
 
 /// Why a request is refused before reaching an upstream.
@@ -70,6 +92,12 @@ pub enum Rejection {
     Expired,
     /// The store could not be read.
     StoreUnavailable,
+    /// The `DPoP` scheme without exactly one proof in a `DPoP` header.
+    MissingDpopProof,
+    /// A DPoP-bound token (`cnf.jkt`) presented as a bearer token (RFC 9449 §7.2).
+    DpopBoundAsBearer,
+    /// The `DPoP` scheme with a token that is not DPoP-bound.
+    DpopNotBound,
 }
 
 /// The decision for one API request.
@@ -96,14 +124,17 @@ impl Verdict {
 
 /// Decides what happens to a request on a protected path: the worker's cache first, then the
 /// shared store.
+///
+/// `dpop_proof` is the `DPoP` request header, read only for the `DPoP` scheme.
 pub fn authorize<H: SharedData>(
     config: &Config,
     store: &Store<'_, H>,
     cache: &mut LocalCache,
     authorization: Option<&[u8]>,
+    dpop_proof: impl FnOnce() -> Option<Vec<u8>>,
     now: u64,
 ) -> Result<Verdict, (Rejection, StoreError)> {
-    let signature = match parse_authorization(authorization) {
+    let (dpop, signature) = match parse_authorization(authorization) {
         Credentials::Absent | Credentials::OtherScheme => {
             return Ok(Verdict::Reject(Rejection::MissingCredentials))
         }
@@ -115,8 +146,38 @@ pub fn authorize<H: SharedData>(
                 FullJwtPolicy::Reject => Verdict::Reject(Rejection::FullJwt),
             })
         }
-        Credentials::Signature(s) => s,
+        Credentials::Signature(s) => (false, s),
+        Credentials::Dpop(s) => (true, s),
     };
+    if dpop && !has_dpop_proof(dpop_proof().as_deref()) {
+        return Ok(Verdict::Reject(Rejection::MissingDpopProof));
+    }
+    let forward = lookup(config, store, cache, signature, now)?;
+    let Verdict::Forward(f) = &forward else {
+        return Ok(forward);
+    };
+    Ok(match (dpop, f.dpop_bound) {
+        (false, true) => Verdict::Reject(Rejection::DpopBoundAsBearer),
+        (true, false) => Verdict::Reject(Rejection::DpopNotBound),
+        _ => forward,
+    })
+}
+
+/// The forward for a well-formed signature: the worker's cache first, then the shared store.
+pub(crate) fn lookup<H: SharedData>(
+    config: &Config,
+    store: &Store<'_, H>,
+    cache: &mut LocalCache,
+    signature: Signature<'_>,
+    now: u64,
+) -> Result<Verdict, (Rejection, StoreError)> {
+    if config.revocation_enabled() {
+        // A revocation on any worker moves the epoch; a stale cache must not serve it.
+        let epoch = store
+            .epoch()
+            .map_err(|e| (Rejection::StoreUnavailable, e))?;
+        cache.sync(epoch);
+    }
     if let Some(forward) = cache.get(signature.as_str(), now) {
         return Ok(Verdict::Forward(forward));
     }
@@ -137,10 +198,13 @@ pub fn authorize<H: SharedData>(
         return Ok(Verdict::Reject(Rejection::Unknown));
     };
     let projection = crate::claims::project(header_payload, &config.claims_to_headers);
+    let dpop_bound = crate::claims::is_dpop_bound(header_payload);
+    // A DPoP-bound token is only ever forwarded under the scheme it must be presented with.
+    let scheme = if dpop_bound { "DPoP " } else { "Bearer " };
     let authorization = config.forward_jwt.then(|| {
         let sig = signature.as_str();
-        let mut value = String::with_capacity("Bearer ".len() + hp.len() + 1 + sig.len());
-        value.push_str("Bearer ");
+        let mut value = String::with_capacity(scheme.len() + hp.len() + 1 + sig.len());
+        value.push_str(scheme);
         value.push_str(hp);
         value.push('.');
         value.push_str(sig);
@@ -151,6 +215,7 @@ pub fn authorize<H: SharedData>(
         authorization,
         claim_headers: projection.headers,
         unsafe_claims: projection.unsafe_dropped,
+        dpop_bound,
     });
     cache.insert(signature.as_str(), Rc::clone(&forward));
     Ok(Verdict::Forward(forward))
@@ -166,7 +231,7 @@ mod tests {
     #[test]
     fn parses_authorization_forms() {
         let sig = |s: &'static [u8]| Credentials::Signature(Signature::parse(s).unwrap());
-        let cases: [(&[u8], Credentials<'_>); 16] = [
+        let cases: [(&[u8], Credentials<'_>); 18] = [
             (b"Bearer abc", sig(b"abc")),
             (b"bearer abc", sig(b"abc")),
             (b"BEARER   abc  ", sig(b"abc")),
@@ -177,7 +242,12 @@ mod tests {
             (b"Bearer", Credentials::Malformed),
             (b"Bearer    ", Credentials::Malformed),
             (b"Basic dXNlcjpwYXNz", Credentials::OtherScheme),
-            (b"DPoP abc", Credentials::OtherScheme),
+            (
+                b"DPoP abc",
+                Credentials::Dpop(Signature::parse(b"abc").unwrap()),
+            ),
+            (b"dpop", Credentials::Malformed),
+            (b"Token abc", Credentials::OtherScheme),
             (b"Bearer a,Bearer b", Credentials::Multiple),
             (b"Bearer a b", Credentials::Malformed),
             (b"Bearer a.b", Credentials::Malformed),
@@ -237,19 +307,44 @@ mod tests {
         let sig = store_jwt(&store);
         let auth = format!("Bearer {sig}");
         let mut cache = LocalCache::new(0);
-        let verdict = authorize(&config, &store, &mut cache, Some(auth.as_bytes()), 10).unwrap();
+        let verdict = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(auth.as_bytes()),
+            || None,
+            10,
+        )
+        .unwrap();
         assert_eq!(
             verdict,
             Verdict::Forward(Rc::new(Forward {
                 expires_at: 100,
                 authorization: Some(format!("Bearer {JWT}")),
                 claim_headers: vec![],
-                unsafe_claims: 0
+                unsafe_claims: 0,
+                dpop_bound: false,
             }))
         );
-        let bare = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
+        let bare = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(sig.as_bytes()),
+            || None,
+            10,
+        )
+        .unwrap();
         assert_eq!(bare, verdict);
-        let late = authorize(&config, &store, &mut cache, Some(auth.as_bytes()), 100).unwrap();
+        let late = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(auth.as_bytes()),
+            || None,
+            100,
+        )
+        .unwrap();
         assert_eq!(late, Verdict::Reject(Rejection::Expired));
     }
 
@@ -268,7 +363,7 @@ mod tests {
         for (auth, want) in cases {
             let mut cache = LocalCache::new(16);
             assert_eq!(
-                authorize(&config, &store, &mut cache, auth, 0).unwrap(),
+                authorize(&config, &store, &mut cache, auth, || None, 0).unwrap(),
                 Verdict::Reject(want)
             );
         }
@@ -286,14 +381,23 @@ mod tests {
         let store = store_of(&config, &host);
         let sig = store_jwt(&store);
         let mut cache = LocalCache::new(16);
-        let verdict = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
+        let verdict = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(sig.as_bytes()),
+            || None,
+            10,
+        )
+        .unwrap();
         assert_eq!(
             verdict,
             Verdict::Forward(Rc::new(Forward {
                 expires_at: 100,
                 authorization: None,
                 claim_headers: vec![(0, "alice".into()), (1, "2000000000".into())],
-                unsafe_claims: 0
+                unsafe_claims: 0,
+                dpop_bound: false,
             }))
         );
     }
@@ -304,12 +408,36 @@ mod tests {
         let store = store_of(&config, &host);
         let sig = store_jwt(&store);
         let mut cache = LocalCache::new(16);
-        let first = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 10).unwrap();
+        let first = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(sig.as_bytes()),
+            || None,
+            10,
+        )
+        .unwrap();
         host.map.borrow_mut().clear(); // the store forgets; the worker's cache still knows
-        let second = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 11).unwrap();
+        let second = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(sig.as_bytes()),
+            || None,
+            11,
+        )
+        .unwrap();
         assert_eq!(first, second);
         assert!(matches!(second, Verdict::Forward(_)));
-        let late = authorize(&config, &store, &mut cache, Some(sig.as_bytes()), 100).unwrap();
+        let late = authorize(
+            &config,
+            &store,
+            &mut cache,
+            Some(sig.as_bytes()),
+            || None,
+            100,
+        )
+        .unwrap();
         assert_eq!(late, Verdict::Reject(Rejection::Unknown));
     }
 
@@ -324,10 +452,73 @@ mod tests {
                 &store,
                 &mut LocalCache::new(16),
                 Some(auth.as_bytes()),
+                || None,
                 0
             )
             .unwrap(),
             Verdict::PassThrough
+        );
+    }
+
+    #[test]
+    fn dpop_bound_tokens_need_the_dpop_scheme_and_a_proof() {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine;
+        let (config, host) = setup("reject");
+        let store = store_of(&config, &host);
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"ES256","typ":"at+jwt"}"#);
+        let bound = URL_SAFE_NO_PAD.encode(br#"{"sub":"a","exp":200,"cnf":{"jkt":"0ZcOCORZNYy"}}"#);
+        let hp = format!("{header}.{bound}");
+        let sig = "Ym91bmQtc2lnbmF0dXJl";
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        store
+            .put(
+                &Entry {
+                    key,
+                    expires_at: 100,
+                    header_payload: hp.as_bytes(),
+                },
+                0,
+            )
+            .unwrap();
+        let proof = || Some(b"eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJodG0iOiJHRVQifQ.c2ln".to_vec());
+        let mut cache = LocalCache::new(16);
+        let mut run = |auth: &str, proof: Option<Vec<u8>>| {
+            authorize(
+                &config,
+                &store,
+                &mut cache,
+                Some(auth.as_bytes()),
+                || proof,
+                10,
+            )
+            .unwrap()
+        };
+        let Verdict::Forward(f) = run(&format!("DPoP {sig}"), proof()) else {
+            panic!()
+        };
+        assert_eq!(
+            f.authorization.as_deref(),
+            Some(format!("DPoP {hp}.{sig}").as_str())
+        );
+        assert_eq!(
+            run(&format!("Bearer {sig}"), proof()),
+            Verdict::Reject(Rejection::DpopBoundAsBearer)
+        );
+        assert_eq!(
+            run(&format!("DPoP {sig}"), None),
+            Verdict::Reject(Rejection::MissingDpopProof)
+        );
+        let two = b"a.b.c,d.e.f".to_vec();
+        assert_eq!(
+            run(&format!("DPoP {sig}"), Some(two)),
+            Verdict::Reject(Rejection::MissingDpopProof)
+        );
+        // An unbound token under the DPoP scheme.
+        let plain = store_jwt(&store);
+        assert_eq!(
+            run(&format!("DPoP {plain}"), proof()),
+            Verdict::Reject(Rejection::DpopNotBound)
         );
     }
 }

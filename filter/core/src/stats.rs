@@ -24,11 +24,17 @@ pub enum Counter {
     KeysFetched,
     KeyFetchFailures,
     ClaimsUnsafeDropped,
+    RejectedMissingDpopProof,
+    RejectedDpopBinding,
+    Revoked,
+    RevocationsUnknown,
+    RevocationsForwarded,
+    RevocationsInvalid,
 }
 
 impl Counter {
     /// Every counter, in the order their metric ids are defined.
-    pub const ALL: [Counter; 21] = [
+    pub const ALL: [Counter; 27] = [
         Counter::TokensSplit,
         Counter::SplitFailures,
         Counter::TokenErrorsPassedThrough,
@@ -50,6 +56,12 @@ impl Counter {
         Counter::KeysFetched,
         Counter::KeyFetchFailures,
         Counter::ClaimsUnsafeDropped,
+        Counter::RejectedMissingDpopProof,
+        Counter::RejectedDpopBinding,
+        Counter::Revoked,
+        Counter::RevocationsUnknown,
+        Counter::RevocationsForwarded,
+        Counter::RevocationsInvalid,
     ];
 
     /// The metric name as defined with the host.
@@ -76,6 +88,12 @@ impl Counter {
             Self::KeysFetched => "split_token.keys.fetched",
             Self::KeyFetchFailures => "split_token.keys.fetch_failures",
             Self::ClaimsUnsafeDropped => "split_token.claims.unsafe_dropped",
+            Self::RejectedMissingDpopProof => "split_token.rejected.missing_dpop_proof",
+            Self::RejectedDpopBinding => "split_token.rejected.dpop_binding",
+            Self::Revoked => "split_token.revoked",
+            Self::RevocationsUnknown => "split_token.revocations.unknown",
+            Self::RevocationsForwarded => "split_token.revocations.forwarded_unchanged",
+            Self::RevocationsInvalid => "split_token.revocations.invalid",
         }
     }
 

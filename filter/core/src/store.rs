@@ -249,6 +249,25 @@ pub fn insert(slot: &[u8], new: &Entry<'_>, now: u64, capacity: u16) -> (Vec<u8>
     (out, report)
 }
 
+/// The slot without the entry for `key`; None when there is none (or the slot is corrupt).
+pub fn without(slot: &[u8], key: &StoreKey) -> Option<Vec<u8>> {
+    let all: Vec<Entry<'_>> = entries(slot).collect::<Result<_, _>>().ok()?;
+    if !all.iter().any(|e| e.key == *key) {
+        return None;
+    }
+    let mut out = Vec::with_capacity(slot.len());
+    out.push(VERSION);
+    for e in all.iter().filter(|e| e.key != *key) {
+        encode_entry(&mut out, e);
+    }
+    Some(out)
+}
+
+/// An epoch value: 8 bytes big-endian; anything else (a fresh key) is epoch 0.
+fn decode_epoch(value: &[u8]) -> u64 {
+    <[u8; 8]>::try_from(value).map_or(0, u64::from_be_bytes)
+}
+
 /// Totals of a successful write, for the stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PutReport {
@@ -316,6 +335,11 @@ impl<'a, H: SharedData> Store<'a, H> {
                 created += 1;
             }
         }
+        // The epoch key too: a blind creation racing a bump could otherwise set it back.
+        let epoch = self.epoch_key();
+        if self.get(&epoch)?.1.is_none() {
+            self.create_empty(&epoch)?;
+        }
         Ok(created)
     }
 
@@ -337,26 +361,72 @@ impl<'a, H: SharedData> Store<'a, H> {
             });
         }
         let slot_key = self.slot_key(&entry.key);
+        let (report, retries) = self.update(&slot_key, |current| {
+            let (next, report) = insert(current, entry, now, self.capacity);
+            (Some(next), report)
+        })?;
+        Ok(PutReport {
+            evicted: report.evicted,
+            expired: report.expired,
+            corrupt: report.corrupt,
+            retries,
+        })
+    }
+
+    /// Removes the entry for `key` (a revocation). Returns whether there was one, expired or
+    /// not. Every worker's next lookup misses it; their caches are told by [`Store::bump_epoch`].
+    pub fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let (removed, _) =
+            self.update(&self.slot_key(key), |current| match without(current, key) {
+                Some(next) => (Some(next), true),
+                None => (None, false),
+            })?;
+        Ok(removed)
+    }
+
+    /// The revocation epoch: it changes whenever a token is revoked on any worker, which tells
+    /// every worker to forget what it cached.
+    pub fn epoch(&self) -> Result<u64, StoreError> {
+        let (value, _) = self.get(&self.epoch_key())?;
+        Ok(decode_epoch(&value))
+    }
+
+    /// Moves the revocation epoch on; returns the new value.
+    pub fn bump_epoch(&self) -> Result<u64, StoreError> {
+        let (epoch, _) = self.update(&self.epoch_key(), |current| {
+            let next = decode_epoch(current).wrapping_add(1);
+            (Some(next.to_be_bytes().to_vec()), next)
+        })?;
+        Ok(epoch)
+    }
+
+    fn epoch_key(&self) -> String {
+        // Not a hex slot number, so it never collides with a slot key.
+        format!("{}revocations", self.prefix)
+    }
+
+    /// Read, change, compare-and-swap, retried on a mismatch. `change` returns the new value
+    /// (None: nothing to write) and what to report. A key never written is first created empty
+    /// (initialize did not run for it), so a value is never written without CAS.
+    fn update<T>(
+        &self,
+        key: &str,
+        mut change: impl FnMut(&[u8]) -> (Option<Vec<u8>>, T),
+    ) -> Result<(T, u32), StoreError> {
         let mut retries = 0;
         while retries < MAX_WRITE_ATTEMPTS {
-            let (current, cas) = self.get(&slot_key)?;
+            let (current, cas) = self.get(key)?;
             let Some(cas) = cas else {
-                // Never written (initialize did not run for it): create it empty, then write the
-                // entry with CAS like any other.
-                self.create_empty(&slot_key)?;
+                self.create_empty(key)?;
                 retries += 1;
                 continue;
             };
-            let (next, report) = insert(&current, entry, now, self.capacity);
-            match self.host.set(&slot_key, &next, Some(cas)) {
-                Ok(()) => {
-                    return Ok(PutReport {
-                        evicted: report.evicted,
-                        expired: report.expired,
-                        corrupt: report.corrupt,
-                        retries,
-                    })
-                }
+            let (next, report) = change(&current);
+            let Some(next) = next else {
+                return Ok((report, retries));
+            };
+            match self.host.set(key, &next, Some(cas)) {
+                Ok(()) => return Ok((report, retries)),
                 Err(SetError::CasMismatch) => {}
                 Err(SetError::Host(HostStatus(status))) => {
                     return Err(StoreError::Host {
@@ -587,7 +657,8 @@ pub(crate) mod tests {
         let other = Store::new(&strict, "q/", 1, 8);
         let report = other.put(&entry(2, 100, b"two"), 0).unwrap();
         assert_eq!(report.retries, 1);
-        assert_eq!(*strict.1.borrow(), 5);
+        // 4 slots and the revocation epoch at initialize, then the missing q/ slot.
+        assert_eq!(*strict.1.borrow(), 6);
         let slot = other.fetch_slot(&key(2)).unwrap();
         assert!(matches!(find(&slot, &key(2), 0), Ok(Lookup::Hit { .. })));
     }

@@ -13,9 +13,12 @@ use split_token_core::config::{KeySource, VerifyConfig};
 use split_token_core::keys::{
     first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
 };
-use split_token_core::reply::{issue_failure, IssueFailure, LocalReply};
+use split_token_core::reply::{
+    issue_failure, revocation_done, revocation_failure, IssueFailure, LocalReply,
+};
 use split_token_core::request::{authorize, Rejection, Verdict};
 use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
+use split_token_core::revoke::{self, Failure, RevocationError, RevocationPlan};
 use split_token_core::stats::Counter;
 use split_token_core::store::{HostStatus, SetError, SharedData, Store, StoreError};
 use split_token_core::verify::{verify, VerifyError};
@@ -322,6 +325,8 @@ enum State {
     Request,
     /// A token endpoint request: its response headers are next.
     TokenEndpoint,
+    /// A revocation request: headers held, body buffering.
+    Revocation,
     /// A 200 token response, headers held back, body buffering.
     Buffering,
     /// A token response held while keys are fetched to verify it: the call token and request.
@@ -421,23 +426,89 @@ impl SplitTokenHttp {
                 self.state = State::TokenEndpoint;
                 Action::Continue
             }
+            Route::Revocation => {
+                // Held until the body says which token; the body may be rewritten.
+                self.state = State::Revocation;
+                Action::Pause
+            }
             Route::Public => {
                 self.state = State::Done;
                 Action::Continue
             }
-            Route::Protected => self.on_protected_request(),
+            Route::Protected => self.on_protected_request(false),
+            Route::Logout => self.on_protected_request(true),
         }
     }
 
-    fn on_protected_request(&mut self) -> Action {
+    /// A whole revocation body (or none): decide, revoke, and forward or answer.
+    fn finish_revocation(&mut self, body_size: usize) -> Action {
+        self.state = State::Done;
+        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let plan = match revoke::revoke(&self.store(), &body, now()) {
+            Ok(plan) => plan,
+            Err(failure) => {
+                if let Failure::Store(e) = &failure {
+                    log(LogLevel::Error, &format!("revocation: {e}"));
+                }
+                self.metrics.bump(Counter::RevocationsInvalid);
+                self.send(&revocation_failure(&failure));
+                return Action::Pause;
+            }
+        };
+        match plan {
+            RevocationPlan::Revoked { body } => {
+                self.metrics.bump(Counter::Revoked);
+                let length = body.len().to_string();
+                let applied =
+                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body)
+                        .and_then(|()| {
+                            hostcalls::set_map_value(
+                                MapType::HttpRequestHeaders,
+                                "content-length",
+                                Some(&length),
+                            )
+                        });
+                if applied.is_err() {
+                    // Revoked here already; the IdP just does not hear of it. Never forward
+                    // the signature in place of the token.
+                    log(
+                        LogLevel::Error,
+                        "revocation: cannot rewrite the request body",
+                    );
+                    self.send(&revocation_done());
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+            RevocationPlan::ForwardUnchanged => {
+                self.metrics.bump(Counter::RevocationsForwarded);
+                Action::Continue
+            }
+            RevocationPlan::AnswerLocally => {
+                self.metrics.bump(Counter::RevocationsUnknown);
+                self.send(&revocation_done());
+                Action::Pause
+            }
+        }
+    }
+
+    fn on_protected_request(&mut self, logout: bool) -> Action {
         let authorization = self.request_header("authorization");
-        let verdict = authorize(
+        let decide = if logout { revoke::logout } else { authorize };
+        let verdict = decide(
             &self.config,
             &self.store(),
             &mut self.cache.borrow_mut(),
             authorization.as_deref(),
+            || self.request_header("dpop"),
             now(),
         );
+        if logout && matches!(verdict, Ok(Verdict::Forward(_))) {
+            self.metrics.bump(Counter::Revoked);
+        }
         self.state = State::Done;
         let verdict = match verdict {
             Ok(v) => v,
@@ -648,7 +719,7 @@ impl Context for SplitTokenHttp {
 }
 
 impl HttpContext for SplitTokenHttp {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         #[cfg(all(feature = "fault-injection", target_arch = "wasm32"))]
         if self.request_header("x-split-token-fault").as_deref() == Some(b"trap") {
             core::arch::wasm32::unreachable();
@@ -660,7 +731,10 @@ impl HttpContext for SplitTokenHttp {
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, &mapping.header, None);
         }
         let path = self.request_header(":path").unwrap_or_default();
-        let action = self.route_request(&path);
+        let mut action = self.route_request(&path);
+        if self.state == State::Revocation && end_of_stream {
+            action = self.finish_revocation(0);
+        }
         if self.config.recompute_route
             && !self.config.claims_to_headers.is_empty()
             && action == Action::Continue
@@ -703,6 +777,33 @@ impl HttpContext for SplitTokenHttp {
                 Action::Pause
             }
         }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if self.state != State::Revocation {
+            return Action::Continue;
+        }
+        if body_size > revoke::MAX_REVOCATION_BODY {
+            self.state = State::Done;
+            self.metrics.bump(Counter::RevocationsInvalid);
+            let too_large = Failure::Request(RevocationError::TooLarge {
+                limit: revoke::MAX_REVOCATION_BODY,
+            });
+            self.send(&revocation_failure(&too_large));
+            return Action::Pause;
+        }
+        if !end_of_stream {
+            self.body_size = body_size;
+            return Action::Pause;
+        }
+        self.finish_revocation(body_size)
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if self.state != State::Revocation {
+            return Action::Continue;
+        }
+        self.finish_revocation(self.body_size)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
