@@ -336,7 +336,12 @@ split-token demo is running (logs in {run_dir.relative_to(ROOT)}/):
 
    curl -si http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer nope"
 
-5. The filter's counters:
+5. Revoke the token (RFC 7009): the gateway forgets it at once and tells the IdP:
+
+   curl -si -X POST http://127.0.0.1:8080/auth/revoke -u demo:secret -d token=$TOKEN
+   curl -si http://127.0.0.1:8080/basic-protected-api/get -H "Authorization: Bearer $TOKEN"
+
+6. The filter's counters:
 
    curl -s http://127.0.0.1:9901/stats | grep split_token
 
