@@ -4,6 +4,7 @@ refresh, password and authorization-code grants, id_token, and DPoP-bound tokens
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import time
@@ -22,6 +23,8 @@ LIFECYCLE = {
     **BASE_FILTER,
     "revocation_paths": ["/auth/revoke"],
     "logout_paths": ["/auth/logout"],
+    "introspection": {"paths": ["/auth/introspect"], "clients": [
+        {"client_id": "rs", "client_secret_sha256": hashlib.sha256(b"rs-secret").hexdigest()}]},
 }
 
 
@@ -38,7 +41,10 @@ def recording_idp(run_dir):
 @pytest.fixture(scope="module")
 def gw(start_gateway, recording_idp):
     # Two workers: a revocation must reach the cache of the worker that did not handle it.
-    return start_gateway(LIFECYCLE, concurrency=2, name="envoy-lifecycle", idp_port=recording_idp.port)
+    introspect_route = {"match": {"path": "/auth/introspect"},
+                        "route": {"cluster": "idp", "prefix_rewrite": "/introspect"}}
+    return start_gateway(LIFECYCLE, concurrency=2, name="envoy-lifecycle", idp_port=recording_idp.port,
+                         extra_routes=[introspect_route])
 
 
 def revocations(idp) -> list[dict]:
@@ -240,3 +246,31 @@ def test_bearer_token_under_the_dpop_scheme_is_refused(gw):
     r = gw.call(f"DPoP {token}", headers={"DPoP": key.proof("GET", gw.url + PROTECTED)})
     assert r.status_code == 401
     assert 'error="invalid_token"' in r.headers["www-authenticate"]
+
+
+# --- introspection ---------------------------------------------------------------------------------
+
+def introspect(gw, token: str, auth=("rs", "rs-secret")) -> requests.Response:
+    return requests.post(gw.url + "/auth/introspect", data={"token": token}, auth=auth, timeout=10)
+
+
+def test_introspection_answers_configured_clients_only_and_never_reaches_the_idp(gw):
+    token = gw.token(sub=f"introspect-{uuid.uuid4().hex}", roles="user")
+    with StatDelta(gw) as d:
+        for auth in (None, ("rs", "wrong"), ("other", "rs-secret")):
+            r = introspect(gw, token, auth=auth)
+            assert r.status_code == 401, r.text
+            assert r.headers["www-authenticate"] == 'Basic realm="split-token"'
+            assert r.json()["error"] == "invalid_client"
+        live = introspect(gw, token)
+        unknown = introspect(gw, "A" * 342)
+    assert live.status_code == 200 and live.headers["cache-control"] == "no-store"
+    claims = live.json()
+    assert claims["active"] is True and claims["sub"].startswith("introspect-")
+    assert claims["token_type"] == "Bearer" and claims["realm_access"] == {"roles": ["user"]}
+    assert unknown.json() == {"active": False}
+    assert d["cluster.idp.upstream_rq_total"] == 0
+    assert d.split_token("introspections.refused") == 3
+    # Revoked is inactive, at once.
+    assert revoke(gw, token=token).status_code == 200
+    assert introspect(gw, token).json() == {"active": False}

@@ -178,8 +178,8 @@ pub fn is_dpop_bound(header_payload: &[u8]) -> bool {
     let Some(json) = decode_payload(header_payload) else {
         return false;
     };
-    // `"cnf"`, however its first letter is escaped, ends in `nf"`.
-    if !json.windows(3).any(|w| w == b"nf\"") {
+    // `"cnf"` ends in `f"`, or in `\u0066"` when its last letter is escaped.
+    if !json.windows(2).any(|w| w == b"f\"") && !json.windows(7).any(|w| w == b"\\u0066\"") {
         return false;
     }
     serde_json::from_slice::<Value>(&json)
@@ -293,5 +293,29 @@ mod tests {
         assert_eq!(p.unsafe_dropped, 1);
         assert_eq!(project(b"garbage", &mappings), Projection::default());
         assert_eq!(project(hp.as_bytes(), &[]), Projection::default());
+    }
+
+    #[test]
+    fn dpop_binding_is_found_whichever_letter_of_cnf_is_escaped() {
+        // Found by fuzz target claims: with `n` or `f` of "cnf" written as a JSON escape, the
+        // quick pre-check missed the binding, so a DPoP-bound token passed as a bearer token.
+        let header = b64(&json!({"alg": "RS256"}));
+        for cnf in [
+            "cnf",
+            r"\u0063nf",
+            r"c\u006ef",
+            r"cn\u0066",
+            r"\u0063\u006e\u0066",
+        ] {
+            let payload = format!(r#"{{"sub":"a","{cnf}":{{"jkt":"x"}}}}"#);
+            let hp = format!("{header}.{}", URL_SAFE_NO_PAD.encode(&payload));
+            assert!(is_dpop_bound(hp.as_bytes()), "{payload}");
+        }
+        let unbound = format!(
+            "{header}.{}",
+            b64(&json!({"sub": "a", "cnf": {"x5t": "y"}}))
+        );
+        assert!(!is_dpop_bound(unbound.as_bytes()));
+        assert!(!is_dpop_bound(b"garbage"));
     }
 }

@@ -40,6 +40,8 @@ struct RawConfig {
     #[serde(default)]
     logout_paths: Vec<String>,
     #[serde(default)]
+    introspection: Option<RawIntrospection>,
+    #[serde(default)]
     public_prefixes: Vec<String>,
     #[serde(default)]
     full_jwt: FullJwtPolicy,
@@ -94,6 +96,20 @@ struct RawVerify {
     audiences: Vec<String>,
     #[serde(default = "defaults::leeway_seconds")]
     leeway_seconds: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntrospection {
+    paths: Vec<String>,
+    clients: Vec<RawIntrospectionClient>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIntrospectionClient {
+    client_id: String,
+    client_secret_sha256: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -177,6 +193,15 @@ pub struct VerifyConfig {
     pub min_refetch_seconds: u64,
 }
 
+/// RFC 7662 introspection: where, and which resource servers may ask.
+#[derive(Debug, Clone)]
+pub struct IntrospectionConfig {
+    /// Exact paths answered by the filter itself.
+    pub paths: Vec<String>,
+    /// `(client_id, SHA-256 of the client secret)` of each allowed caller.
+    pub clients: Vec<(String, [u8; 32])>,
+}
+
 /// A validated filter configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -186,6 +211,8 @@ pub struct Config {
     pub revocation_paths: Vec<String>,
     /// Exact paths of logout endpoints called with the token: revoked here, then forwarded.
     pub logout_paths: Vec<String>,
+    /// RFC 7662 introspection answered by the gateway, when configured.
+    pub introspection: Option<IntrospectionConfig>,
     /// Path prefixes that pass through without a token.
     pub public_prefixes: Vec<String>,
     /// What a full JWT presented by a client means.
@@ -210,6 +237,8 @@ pub struct Config {
     pub challenge_dpop_invalid_token: String,
     /// `WWW-Authenticate` for a DPoP request without a usable proof, precomputed.
     pub challenge_dpop_invalid_proof: String,
+    /// `WWW-Authenticate` for introspection callers without valid client credentials.
+    pub challenge_basic: String,
     /// Largest token response body the filter buffers.
     pub max_token_response_bytes: usize,
     /// Verification at issuance, when configured.
@@ -287,6 +316,51 @@ fn check_path(field: &str, index: usize, path: &str) -> Result<(), ConfigError> 
     Ok(())
 }
 
+fn introspection_config(raw: RawIntrospection) -> Result<IntrospectionConfig, ConfigError> {
+    if raw.paths.is_empty() {
+        return Err(invalid(
+            "introspection.paths",
+            "must name at least one path",
+        ));
+    }
+    if raw.clients.is_empty() {
+        return Err(invalid(
+            "introspection.clients",
+            "must name at least one client: introspection answers only authenticated callers",
+        ));
+    }
+    let mut clients = Vec::with_capacity(raw.clients.len());
+    for (i, c) in raw.clients.into_iter().enumerate() {
+        if c.client_id.is_empty() || c.client_id.contains(':') {
+            return Err(invalid(
+                format!("introspection.clients[{i}].client_id"),
+                "must be non-empty and contain no ':'",
+            ));
+        }
+        let hex = c.client_secret_sha256.as_bytes();
+        let mut digest = [0u8; 32];
+        let valid = hex.len() == 64
+            && digest.iter_mut().zip(hex.chunks(2)).all(|(out, pair)| {
+                std::str::from_utf8(pair)
+                    .ok()
+                    .and_then(|p| u8::from_str_radix(p, 16).ok())
+                    .map(|b| *out = b)
+                    .is_some()
+            });
+        if !valid {
+            return Err(invalid(
+                format!("introspection.clients[{i}].client_secret_sha256"),
+                "must be the SHA-256 of the secret as 64 hex digits (sha256sum prints it)",
+            ));
+        }
+        clients.push((c.client_id, digest));
+    }
+    Ok(IntrospectionConfig {
+        paths: raw.paths,
+        clients,
+    })
+}
+
 /// A realm is put inside a quoted-string; keep it to printable ASCII without quote or backslash.
 fn check_realm(realm: &str) -> Result<(), ConfigError> {
     if realm.is_empty() || realm.len() > 128 {
@@ -315,9 +389,12 @@ impl TryFrom<RawConfig> for Config {
             check_path("token_paths", i, p)?;
         }
         let mut handled: Vec<&str> = raw.token_paths.iter().map(String::as_str).collect();
+        let no_paths = Vec::new();
+        let introspection_paths = raw.introspection.as_ref().map_or(&no_paths, |i| &i.paths);
         for (field, paths) in [
             ("revocation_paths", &raw.revocation_paths),
             ("logout_paths", &raw.logout_paths),
+            ("introspection.paths", introspection_paths),
         ] {
             for (i, p) in paths.iter().enumerate() {
                 check_path(field, i, p)?;
@@ -402,6 +479,7 @@ impl TryFrom<RawConfig> for Config {
                 ),
             ));
         }
+        let introspection = raw.introspection.map(introspection_config).transpose()?;
         let verify = raw.verify.map(verify_config).transpose()?;
         let claims_to_headers = claim_headers(raw.claims_to_headers)?;
         let challenge = format!("Bearer realm=\"{}\"", raw.realm);
@@ -417,6 +495,7 @@ impl TryFrom<RawConfig> for Config {
                 "DPoP realm=\"{}\", error=\"invalid_token\"",
                 raw.realm
             ),
+            challenge_basic: format!("Basic realm=\"{}\"", raw.realm),
             challenge_dpop_invalid_proof: format!(
                 "DPoP realm=\"{}\", error=\"invalid_dpop_proof\"",
                 raw.realm
@@ -425,6 +504,7 @@ impl TryFrom<RawConfig> for Config {
             token_paths: raw.token_paths,
             revocation_paths: raw.revocation_paths,
             logout_paths: raw.logout_paths,
+            introspection,
             public_prefixes: raw.public_prefixes,
             full_jwt: raw.full_jwt,
             strip_response_fields: raw.strip_response_fields,
@@ -586,6 +666,8 @@ pub enum Route {
     Revocation,
     /// A logout endpoint: authorized like an API call, and the token is revoked.
     Logout,
+    /// An introspection endpoint (RFC 7662), answered by the filter.
+    Introspection,
     /// A public prefix: passed through untouched.
     Public,
     /// Everything else: a valid token is required.
@@ -612,6 +694,8 @@ impl Config {
             Route::Revocation
         } else if exact(&self.logout_paths) {
             Route::Logout
+        } else if self.introspection.as_ref().is_some_and(|i| exact(&i.paths)) {
+            Route::Introspection
         } else if self
             .public_prefixes
             .iter()

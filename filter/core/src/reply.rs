@@ -145,6 +145,34 @@ pub fn revocation_failure(failure: &crate::revoke::Failure) -> LocalReply<'stati
     }
 }
 
+/// The answer to an introspection request (RFC 7662).
+pub fn introspection_reply<'c>(
+    config: &'c Config,
+    outcome: &crate::introspect::Introspection,
+) -> LocalReply<'c> {
+    use crate::introspect::Introspection;
+    match outcome {
+        Introspection::Unauthorized => LocalReply {
+            status: 401,
+            www_authenticate: Some(&config.challenge_basic),
+            body: json(
+                Some("invalid_client"),
+                "introspection needs the credentials of a configured client (HTTP Basic)",
+            ),
+        },
+        Introspection::Invalid(e) => LocalReply {
+            status: 400,
+            www_authenticate: None,
+            body: json(Some("invalid_request"), &e.to_string()),
+        },
+        Introspection::Answer(body) => LocalReply {
+            status: 200,
+            www_authenticate: None,
+            body: body.clone(),
+        },
+    }
+}
+
 /// Why a token response failed closed.
 #[derive(Debug)]
 pub enum IssueFailure<'a> {

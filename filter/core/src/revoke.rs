@@ -96,7 +96,7 @@ pub fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, RevocationError>
         .collect()
 }
 
-fn percent_decode(text: &[u8]) -> Result<String, RevocationError> {
+pub(crate) fn percent_decode(text: &[u8]) -> Result<String, RevocationError> {
     let mut out = Vec::with_capacity(text.len());
     let mut bytes = text.iter();
     while let Some(&b) = bytes.next() {

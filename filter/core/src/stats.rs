@@ -30,11 +30,14 @@ pub enum Counter {
     RevocationsUnknown,
     RevocationsForwarded,
     RevocationsInvalid,
+    IntrospectionsActive,
+    IntrospectionsInactive,
+    IntrospectionsRefused,
 }
 
 impl Counter {
     /// Every counter, in the order their metric ids are defined.
-    pub const ALL: [Counter; 27] = [
+    pub const ALL: [Counter; 30] = [
         Counter::TokensSplit,
         Counter::SplitFailures,
         Counter::TokenErrorsPassedThrough,
@@ -62,6 +65,9 @@ impl Counter {
         Counter::RevocationsUnknown,
         Counter::RevocationsForwarded,
         Counter::RevocationsInvalid,
+        Counter::IntrospectionsActive,
+        Counter::IntrospectionsInactive,
+        Counter::IntrospectionsRefused,
     ];
 
     /// The metric name as defined with the host.
@@ -94,6 +100,9 @@ impl Counter {
             Self::RevocationsUnknown => "split_token.revocations.unknown",
             Self::RevocationsForwarded => "split_token.revocations.forwarded_unchanged",
             Self::RevocationsInvalid => "split_token.revocations.invalid",
+            Self::IntrospectionsActive => "split_token.introspections.active",
+            Self::IntrospectionsInactive => "split_token.introspections.inactive",
+            Self::IntrospectionsRefused => "split_token.introspections.refused",
         }
     }
 

@@ -10,11 +10,13 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use split_token_core::cache::LocalCache;
 use split_token_core::config::{KeySource, VerifyConfig};
+use split_token_core::introspect::{authenticate, introspect, Introspection};
 use split_token_core::keys::{
     first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
 };
 use split_token_core::reply::{
-    issue_failure, revocation_done, revocation_failure, IssueFailure, LocalReply,
+    introspection_reply, issue_failure, revocation_done, revocation_failure, IssueFailure,
+    LocalReply,
 };
 use split_token_core::request::{authorize, Rejection, Verdict};
 use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
@@ -327,6 +329,8 @@ enum State {
     TokenEndpoint,
     /// A revocation request: headers held, body buffering.
     Revocation,
+    /// An introspection request: headers held, body buffering; always answered here.
+    Introspection,
     /// A 200 token response, headers held back, body buffering.
     Buffering,
     /// A token response held while keys are fetched to verify it: the call token and request.
@@ -431,6 +435,10 @@ impl SplitTokenHttp {
                 self.state = State::Revocation;
                 Action::Pause
             }
+            Route::Introspection => {
+                self.state = State::Introspection;
+                Action::Pause
+            }
             Route::Public => {
                 self.state = State::Done;
                 Action::Continue
@@ -492,6 +500,51 @@ impl SplitTokenHttp {
                 self.send(&revocation_done());
                 Action::Pause
             }
+        }
+    }
+
+    /// A whole introspection body (or none): answered here, never forwarded.
+    fn finish_introspection(&mut self, body_size: usize) -> Action {
+        self.state = State::Done;
+        let Some(clients) = self.config.introspection.as_ref() else {
+            return Action::Continue;
+        };
+        let authorization = self.request_header("authorization");
+        let outcome = if authenticate(clients, authorization.as_deref()) {
+            let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+            match introspect(&self.store(), &body, now()) {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    log(LogLevel::Error, &format!("introspection: {e}"));
+                    self.send(&Rejection::StoreUnavailable.reply(&self.config));
+                    return Action::Pause;
+                }
+            }
+        } else {
+            Introspection::Unauthorized
+        };
+        self.metrics.bump(match &outcome {
+            Introspection::Answer(a) if a.starts_with(r#"{"active":false"#) => {
+                Counter::IntrospectionsInactive
+            }
+            Introspection::Answer(_) => Counter::IntrospectionsActive,
+            Introspection::Unauthorized | Introspection::Invalid(_) => {
+                Counter::IntrospectionsRefused
+            }
+        });
+        self.send(&introspection_reply(&self.config, &outcome));
+        Action::Pause
+    }
+
+    /// Ends a buffered request body: revocation or introspection.
+    fn finish_request_body(&mut self, body_size: usize) -> Action {
+        if self.state == State::Introspection {
+            self.finish_introspection(body_size)
+        } else {
+            self.finish_revocation(body_size)
         }
     }
 
@@ -732,8 +785,8 @@ impl HttpContext for SplitTokenHttp {
         }
         let path = self.request_header(":path").unwrap_or_default();
         let mut action = self.route_request(&path);
-        if self.state == State::Revocation && end_of_stream {
-            action = self.finish_revocation(0);
+        if matches!(self.state, State::Revocation | State::Introspection) && end_of_stream {
+            action = self.finish_request_body(0);
         }
         if self.config.recompute_route
             && !self.config.claims_to_headers.is_empty()
@@ -780,7 +833,7 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if self.state != State::Revocation {
+        if !matches!(self.state, State::Revocation | State::Introspection) {
             return Action::Continue;
         }
         if body_size > revoke::MAX_REVOCATION_BODY {
@@ -796,14 +849,14 @@ impl HttpContext for SplitTokenHttp {
             self.body_size = body_size;
             return Action::Pause;
         }
-        self.finish_revocation(body_size)
+        self.finish_request_body(body_size)
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if self.state != State::Revocation {
+        if !matches!(self.state, State::Revocation | State::Introspection) {
             return Action::Continue;
         }
-        self.finish_revocation(self.body_size)
+        self.finish_request_body(self.body_size)
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {

@@ -1,0 +1,185 @@
+//! RFC 7662 introspection for resource servers that only see a signature.
+//!
+//! A resource server behind the gateway normally gets the full JWT and needs nothing else. One
+//! that is handed a signature out of band (a message queue, a websocket, another gateway) can ask
+//! the gateway what it stands for: `POST token=<signature>` with its client credentials in HTTP
+//! Basic. The answer is `{"active": false}` for an unknown, expired or revoked signature (and for
+//! anything that is not one), and otherwise the token's claims with `"active": true`. Only
+//! configured clients may ask: an open endpoint would turn signatures into identities for anyone.
+
+use crate::config::IntrospectionConfig;
+use crate::revoke::{parse_form, percent_decode, RevocationError};
+use crate::store::{find, Lookup, SharedData, Store, StoreError};
+use crate::token::Signature;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::Engine;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+/// The outcome of an introspection request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Introspection {
+    /// No or wrong client credentials: 401 `invalid_client`.
+    Unauthorized,
+    /// A malformed request: 400 `invalid_request`.
+    Invalid(RevocationError),
+    /// The RFC 7662 answer, a JSON object.
+    Answer(String),
+}
+
+/// Whether `authorization` holds HTTP Basic credentials of a configured client (RFC 6749
+/// §2.3.1: id and secret are form-encoded, then base64).
+pub fn authenticate(config: &IntrospectionConfig, authorization: Option<&[u8]>) -> bool {
+    let Some(value) = authorization.map(<[u8]>::trim_ascii) else {
+        return false;
+    };
+    let Some((scheme, encoded)) = value
+        .iter()
+        .position(|&b| b == b' ')
+        .map(|i| value.split_at(i))
+    else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case(b"basic") {
+        return false;
+    }
+    let Ok(decoded) = STANDARD.decode(encoded.trim_ascii()) else {
+        return false;
+    };
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (id, secret) = decoded.split_at(colon);
+    let (Ok(id), Ok(secret)) = (
+        percent_decode(id),
+        percent_decode(secret.get(1..).unwrap_or_default()),
+    ) else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+    config
+        .clients
+        .iter()
+        .any(|(client, expected)| *client == id && *expected == digest)
+}
+
+/// Answers an authenticated introspection request.
+pub fn introspect<H: SharedData>(
+    store: &Store<'_, H>,
+    body: &[u8],
+    now: u64,
+) -> Result<Introspection, StoreError> {
+    let pairs = match parse_form(body) {
+        Ok(pairs) => pairs,
+        Err(e) => return Ok(Introspection::Invalid(e)),
+    };
+    let mut tokens = pairs.iter().filter(|(n, _)| n == "token");
+    let token = match (tokens.next(), tokens.next()) {
+        (Some((_, t)), None) => t,
+        (None, _) => return Ok(Introspection::Invalid(RevocationError::MissingToken)),
+        (Some(_), Some(_)) => {
+            return Ok(Introspection::Invalid(RevocationError::Repeated {
+                name: "token",
+            }))
+        }
+    };
+    let inactive = || Introspection::Answer(r#"{"active":false}"#.to_owned());
+    let Some(signature) = Signature::parse(token.as_bytes()) else {
+        return Ok(inactive());
+    };
+    let key = signature.store_key();
+    let slot = store.fetch_slot(&key)?;
+    let Ok(Lookup::Hit { header_payload, .. }) = find(&slot, &key, now) else {
+        return Ok(inactive());
+    };
+    let claims = header_payload
+        .iter()
+        .position(|&b| b == b'.')
+        .and_then(|dot| header_payload.get(dot + 1..))
+        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
+        .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok());
+    let Some(mut claims) = claims else {
+        return Ok(inactive());
+    };
+    let bound = crate::claims::is_dpop_bound(header_payload);
+    claims.insert("active".into(), Value::Bool(true));
+    claims
+        .entry("token_type")
+        .or_insert_with(|| Value::from(if bound { "DPoP" } else { "Bearer" }));
+    Ok(Introspection::Answer(Value::Object(claims).to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::store::tests::MemoryData;
+    use crate::store::Entry;
+    use crate::token::tests::JWT;
+
+    const SECRET_SHA256: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"; // "secret"
+
+    fn config() -> Config {
+        Config::from_json(
+            format!(
+                r#"{{"token_paths": ["/t"], "store_slots": 8, "introspection": {{"paths": ["/i"],
+                "clients": [{{"client_id": "rs", "client_secret_sha256": "{SECRET_SHA256}"}}]}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap()
+    }
+
+    fn basic(credentials: &str) -> Vec<u8> {
+        format!("Basic {}", STANDARD.encode(credentials)).into_bytes()
+    }
+
+    #[test]
+    fn only_configured_clients_may_ask() {
+        let c = config();
+        let i = c.introspection.as_ref().unwrap();
+        assert!(authenticate(i, Some(&basic("rs:secret"))));
+        assert!(authenticate(i, Some(b"basic cnM6c2VjcmV0")));
+        for bad in ["rs:Secret", "rs:", "other:secret", "rs", ":secret"] {
+            assert!(!authenticate(i, Some(&basic(bad))), "{bad}");
+        }
+        assert!(!authenticate(i, None));
+        assert!(!authenticate(i, Some(b"Bearer cnM6c2VjcmV0")));
+        assert!(!authenticate(i, Some(b"Basic !!!")));
+    }
+
+    #[test]
+    fn answers_claims_for_live_tokens_and_inactive_otherwise() {
+        let c = config();
+        let host = MemoryData::default();
+        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
+        let (hp, sig) = JWT.rsplit_once('.').unwrap();
+        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
+        store
+            .put(
+                &Entry {
+                    key,
+                    expires_at: 100,
+                    header_payload: hp.as_bytes(),
+                },
+                0,
+            )
+            .unwrap();
+        let answer = |body: &str, now| match introspect(&store, body.as_bytes(), now).unwrap() {
+            Introspection::Answer(json) => serde_json::from_str::<Value>(&json).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let live = answer(&format!("token={sig}&token_type_hint=access_token"), 10);
+        assert_eq!(live["active"], true);
+        assert_eq!(live["sub"], "alice");
+        assert_eq!(live["token_type"], "Bearer");
+        let inactive = serde_json::json!({"active": false});
+        assert_eq!(answer(&format!("token={sig}"), 100), inactive); // expired
+        assert_eq!(answer("token=unknown", 10), inactive);
+        assert_eq!(answer(&format!("token={JWT}"), 10), inactive); // not a signature
+        assert_eq!(
+            introspect(&store, b"client_id=x", 10).unwrap(),
+            Introspection::Invalid(RevocationError::MissingToken)
+        );
+    }
+}
