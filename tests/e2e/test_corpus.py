@@ -14,9 +14,11 @@ import gzip
 import hashlib
 import hmac
 import json
+import os
 import re
 import socket
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,10 @@ def load(name: str) -> list[dict]:
 AUTHORIZATION = load("authorization.yaml")
 RESPONSES = load("token_responses.yaml")
 IDENTITY_ROWS = load("identity_headers.yaml")
+REVOCATIONS = load("revocations.yaml")
+INTROSPECTIONS = load("introspection.yaml")
+REVOKE = "/corpus/revoke"
+INTROSPECT = "/corpus/introspect"
 
 
 def b64url(data: bytes | str) -> str:
@@ -109,6 +115,9 @@ def corpus(start_gateway, idp) -> Corpus:
     settings = {
         "token_paths": ["/auth/token"] + [TOKEN + r["id"] for r in RESPONSES],
         "public_prefixes": [PUBLIC],
+        "revocation_paths": [REVOKE],
+        "introspection": {"paths": [INTROSPECT], "clients": [
+            {"client_id": "rs", "client_secret_sha256": hashlib.sha256(b"rs-secret").hexdigest()}]},
         "verify": {"jwks": {"keys": idp_keys + [_jwk(key, "corpus")]}, "issuer": issuer},
         "claims_to_headers": [
             {"claim": "sub", "header": "x-user-id"},
@@ -152,13 +161,17 @@ def encode_value(value: str) -> bytes:
         return value.encode("utf-8")
 
 
+FORM = b"application/x-www-form-urlencoded"
+
+
 def h1(port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"") -> Exchange:
     """One HTTP/1.1 exchange on a raw socket: the bytes go out exactly as given."""
     request = f"{method} {path} HTTP/1.1\r\nHost: corpus\r\nConnection: close\r\n".encode()
     for name, value in headers:
         request += name.encode() + b": " + value + b"\r\n"
     if method == "POST":
-        request += b"Content-Type: application/x-www-form-urlencoded\r\n"
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            request += b"Content-Type: " + FORM + b"\r\n"
         request += f"Content-Length: {len(body)}\r\n".encode()
     request += b"\r\n" + body
     raw, broken = b"", False
@@ -215,8 +228,8 @@ def _parse_h1(raw: bytes, broken: bool) -> Exchange:
 def h2(port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"") -> Exchange:
     """One HTTP/2 exchange (prior knowledge, h2c)."""
     hdrs = [(k.lower().encode(), v) for k, v in headers]
-    if method == "POST":
-        hdrs.append((b"content-type", b"application/x-www-form-urlencoded"))
+    if method == "POST" and not any(k == b"content-type" for k, _ in hdrs):
+        hdrs.append((b"content-type", FORM))
     received, status, resp_headers, broken = b"", None, {}, False
     with httpx.Client(http1=False, http2=True, timeout=30) as client:
         try:
@@ -293,6 +306,8 @@ class Tokens:
                 "sig_first_char": sig[0], "sig_reversed": sig[::-1],
                 "sig_std_base64": base64.b64encode(_b64url_decode(sig)).decode(),
                 "random_same_length": b64url(uuid.uuid4().bytes * 32)[: len(sig)],
+                "sig_percent": "".join(f"%{ord(c):02X}" for c in sig),
+                "sig_lowercase_escapes": "".join(f"%{ord(c):02x}" for c in sig),
                 "alg_none_jwt": f"{b64json({'alg': 'none', 'typ': 'JWT'})}.{p}.",
                 "alg_none_with_sig": f"{b64json({'alg': 'none', 'typ': 'JWT'})}.{p}.{sig}",
             }
@@ -302,6 +317,10 @@ class Tokens:
             return sig2
         if name == "expired_sig":
             return self.corpus_expired()
+        if name in ("random_rs256", "random_hs256"):
+            return b64url(os.urandom(256 if name == "random_rs256" else 32))
+        if name == "uuid":
+            return str(uuid.uuid4())
         if name in ("a_8k", "a_16k", "a_60k"):
             return "A" * {"a_8k": 8192, "a_16k": 16384, "a_60k": 61440}[name]
         return self._response_token(name)
@@ -586,6 +605,80 @@ def test_token_response(corpus, row):
         assert corpus.upstream.received(api) == []
 
 
+# --- revocation and introspection ------------------------------------------------------------------
+
+def _case_requests(corpus: Corpus, path: str, case: str) -> list:
+    return [r for r in corpus.upstream.received(path) if r.header("x-corpus-case") == [case]]
+
+
+@pytest.mark.parametrize("row", REVOCATIONS, ids=[r["id"] for r in REVOCATIONS])
+def test_revocation(corpus, row):
+    tokens = Tokens(corpus)
+    body = fill(row["body"], tokens).encode()
+    headers = [("x-corpus-case", row["id"].encode())]
+    if "content_type" in row:
+        headers.append(("Content-Type", row["content_type"].encode()))
+    with StatDelta(corpus.gateway) as d:
+        x = exchange(corpus, row, "POST", REVOKE, headers, body)
+    assert_no_leak(x, tokens)
+    seen = _case_requests(corpus, REVOKE, row["id"])
+    expect = row["expect"]
+    if expect == "revoked":
+        assert x.status == 200 and not x.broken, x
+        assert len(seen) == 1, seen
+        form = urllib.parse.parse_qs(seen[0].body.decode(), keep_blank_values=True)
+        assert form["token"] == [tokens.get("jwt")], form
+        assert d.split_token("revoked") == 1
+        r = h1(corpus.gateway.envoy.port, "GET", API + "revoked-" + row["id"],
+               [("Authorization", f"Bearer {tokens.get('sig')}".encode())])
+        assert_challenge(r, 401, "invalid_token")
+        return
+    if expect == "unchanged":
+        assert x.status == 200 and not x.broken, x
+        assert [r.body for r in seen] == [body]
+        assert d.split_token("revocations.forwarded_unchanged") == 1
+        return
+    assert seen == [], "nothing may be forwarded"
+    if expect == "local":
+        assert (x.status, x.body, x.broken) == (200, b"", False), x
+        assert d.split_token("revocations.unknown") == 1
+    else:
+        assert expect == "invalid"
+        assert x.status == 400 and x.json()["error"] == "invalid_request", x
+        assert d.split_token("revocations.invalid") == 1
+
+
+@pytest.mark.parametrize("row", INTROSPECTIONS, ids=[r["id"] for r in INTROSPECTIONS])
+def test_introspection(corpus, row):
+    tokens = Tokens(corpus)
+    body = fill(row["body"], tokens).encode()
+    headers = [("x-corpus-case", row["id"].encode())]
+    auth = row.get("auth")
+    if isinstance(auth, list):
+        headers.append(("Authorization", b"Basic " + base64.b64encode(":".join(auth).encode())))
+    elif isinstance(auth, dict):
+        headers.append(("Authorization", fill(auth["raw"], tokens).encode()))
+    x = exchange(corpus, row, "POST", INTROSPECT, headers, body)
+    assert_no_leak(x, tokens)
+    assert _case_requests(corpus, INTROSPECT, row["id"]) == [], "introspection is answered here"
+    expect = row["expect"]
+    if expect == "unauthorized":
+        assert x.status == 401, x
+        assert x.headers.get("www-authenticate") == 'Basic realm="split-token"', x
+        assert x.json()["error"] == "invalid_client"
+    elif expect == "invalid":
+        assert x.status == 400 and x.json()["error"] == "invalid_request", x
+    else:
+        assert x.status == 200 and x.headers.get("cache-control") == "no-store", x
+        answer = x.json()
+        if expect == "inactive":
+            assert answer == {"active": False}, answer
+        else:
+            assert expect == "active"
+            assert answer["active"] is True and answer["iss"] == corpus.issuer, answer
+            assert answer["exp"] > time.time()
+
+
 # --- afterwards ------------------------------------------------------------------------------------
 
 def test_after_the_corpus(corpus):
@@ -604,5 +697,5 @@ def test_after_the_corpus(corpus):
     r = gw.call(f"Bearer {token}")
     assert r.status_code == 200
     assert r.json()["headers"]["Authorization"].endswith("." + token)
-    counted = len(AUTHORIZATION) + len(RESPONSES) + len(IDENTITY_ROWS)
+    counted = sum(map(len, (AUTHORIZATION, RESPONSES, IDENTITY_ROWS, REVOCATIONS, INTROSPECTIONS)))
     assert counted >= 200, counted

@@ -6,8 +6,10 @@
 //! - **a stored signature**: the entry is removed from the store and the revocation epoch moves,
 //!   so no worker serves it again, from its cache or the store. The request goes on to the IdP
 //!   with `token=<header.payload.signature>`, the token the IdP issued.
-//! - **`token_type_hint=refresh_token`**, or a value that cannot be a signature (a JWT, a UUID):
-//!   not the gateway's business. It is forwarded unchanged (refresh tokens are never split).
+//!   A full JWT whose signature is stored is revoked the same way (and forwarded as it is).
+//! - **otherwise, `token_type_hint=refresh_token`, or a value that cannot be a signature (a JWT,
+//!   a UUID)**: not the gateway's business. It is forwarded unchanged (refresh tokens are never
+//!   split). The hint never stops the store from being searched (RFC 7009 §2.1).
 //! - **anything that could be a signature but is unknown or expired**: answered `200` here, as
 //!   RFC 7009 §2.2 answers invalid tokens, and nothing is forwarded. The answer is the same as
 //!   for a known token, so the endpoint tells a caller nothing about which signatures exist.
@@ -17,8 +19,6 @@ use crate::config::Config;
 use crate::request::{authorize, parse_authorization, Credentials, Rejection, Verdict};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::Signature;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine;
 use std::fmt;
 
 /// Largest revocation body read; RFC 7009 requests are a few hundred bytes.
@@ -149,11 +149,19 @@ fn percent_encode(out: &mut Vec<u8>, text: &str) {
 
 /// Whether `token` could be the signature of a JWS: base64url whose decoded length is one a
 /// signature algorithm produces. A UUID or another opaque refresh token is not.
+///
+/// Judged by length alone: a near miss of a real signature (one character changed, so its last
+/// character may carry non-zero padding bits) is still signature-shaped.
 pub fn could_be_signature(token: &str) -> bool {
-    Signature::parse(token.as_bytes()).is_some()
-        && URL_SAFE_NO_PAD
-            .decode(token)
-            .is_ok_and(|raw| SIGNATURE_LENGTHS.contains(&raw.len()))
+    let len = token.len();
+    let decoded = len / 4 * 3
+        + match len % 4 {
+            0 => 0,
+            2 => 1,
+            3 => 2,
+            _ => return false,
+        };
+    Signature::parse(token.as_bytes()).is_some() && SIGNATURE_LENGTHS.contains(&decoded)
 }
 
 /// Decides a revocation request and, for a stored signature, revokes it.
@@ -179,25 +187,38 @@ pub fn revoke<H: SharedData>(
     let hint = once("token_type_hint")?
         .and_then(|i| pairs.get(i))
         .map(|(_, v)| v.clone());
-    let Some((_, token)) = pairs.get(token_at) else {
+    let Some((_, token)) = pairs.get(token_at).filter(|(_, t)| !t.is_empty()) else {
         return Err(Failure::Request(RevocationError::MissingToken));
     };
-    if hint.as_deref() == Some("refresh_token") || !could_be_signature(token) {
-        return Ok(RevocationPlan::ForwardUnchanged);
-    }
-    let Some(signature) = Signature::parse(token.as_bytes()) else {
-        return Ok(RevocationPlan::ForwardUnchanged);
+    // The store is searched whatever the hint says (RFC 7009 §2.1: a hint only speeds the
+    // search up). A full JWT is looked up by its signature segment: someone holding it wants it
+    // dead here too.
+    let full_jwt = token.bytes().filter(|&b| b == b'.').count() == 2;
+    let candidate = if full_jwt {
+        token.rsplit_once('.').map_or("", |(_, sig)| sig)
+    } else {
+        token.as_str()
     };
-    let key = signature.store_key();
-    let slot = store.fetch_slot(&key).map_err(Failure::Store)?;
-    let jwt = match find(&slot, &key, now) {
-        Ok(Lookup::Hit { header_payload, .. }) => {
-            let Ok(hp) = std::str::from_utf8(header_payload) else {
-                return Ok(RevocationPlan::AnswerLocally);
-            };
-            format!("{hp}.{}", signature.as_str())
+    let stored = match Signature::parse(candidate.as_bytes()) {
+        Some(signature) => {
+            let key = signature.store_key();
+            let slot = store.fetch_slot(&key).map_err(Failure::Store)?;
+            match find(&slot, &key, now) {
+                Ok(Lookup::Hit { header_payload, .. }) => std::str::from_utf8(header_payload)
+                    .ok()
+                    .map(|hp| (key, format!("{hp}.{}", signature.as_str()))),
+                Ok(Lookup::Expired | Lookup::Miss) | Err(_) => None,
+            }
         }
-        Ok(Lookup::Expired | Lookup::Miss) | Err(_) => return Ok(RevocationPlan::AnswerLocally),
+        None => None,
+    };
+    let Some((key, jwt)) = stored else {
+        let refresh = hint.as_deref() == Some("refresh_token");
+        return Ok(if refresh || full_jwt || !could_be_signature(token) {
+            RevocationPlan::ForwardUnchanged
+        } else {
+            RevocationPlan::AnswerLocally
+        });
     };
     forget(store, &key)?;
     if let Some((_, value)) = pairs.get_mut(token_at) {
@@ -357,9 +378,16 @@ mod tests {
             RevocationPlan::AnswerLocally
         );
         for body in [
-            format!("token={sig}&token_type_hint=refresh_token"),
+            format!(
+                "token={}&token_type_hint=refresh_token",
+                "B".repeat(sig.len())
+            ),
             "token=0b5e2d8c-1f7a-4c0e-9d38-6a3f2b1c9e47".to_owned(),
-            format!("token={}", jwt()),
+            format!(
+                "token={}.{}",
+                JWT.rsplit_once('.').unwrap().0,
+                "C".repeat(sig.len())
+            ),
         ] {
             assert_eq!(
                 revoke(&store, body.as_bytes(), 10).unwrap(),
@@ -370,12 +398,36 @@ mod tests {
     }
 
     #[test]
+    fn the_hint_never_stops_the_search_and_full_jwts_are_revoked_too() {
+        let c = config();
+        let host = MemoryData::default();
+        let store = store_of(&c, &host);
+        put_jwt(&store);
+        let hinted = format!("token={SIG}&token_type_hint=refresh_token");
+        assert!(matches!(
+            revoke(&store, hinted.as_bytes(), 10).unwrap(),
+            RevocationPlan::Revoked { .. }
+        ));
+        put_jwt(&store);
+        let full = format!("token={}", jwt());
+        let RevocationPlan::Revoked { body } = revoke(&store, full.as_bytes(), 10).unwrap() else {
+            panic!("a stored full JWT is revoked")
+        };
+        assert_eq!(parse_form(&body).unwrap()[0].1, jwt());
+        assert_eq!(
+            revoke(&store, full.as_bytes(), 10).unwrap(),
+            RevocationPlan::ForwardUnchanged
+        );
+    }
+
+    #[test]
     fn malformed_requests_are_refused() {
         let c = config();
         let host = MemoryData::default();
         let store = store_of(&c, &host);
         for (body, want) in [
             (&b"client_id=x"[..], RevocationError::MissingToken),
+            (b"token=", RevocationError::MissingToken),
             (
                 b"token=a&token=b",
                 RevocationError::Repeated { name: "token" },
@@ -447,6 +499,7 @@ mod tests {
         assert!(could_be_signature(&"A".repeat(43))); // HS256
         assert!(could_be_signature(&"A".repeat(86))); // ES256, EdDSA
         assert!(could_be_signature(&"A".repeat(342))); // RS256 (2048-bit key)
+        assert!(could_be_signature(&"B".repeat(342))); // non-zero padding bits: a near miss
         assert!(!could_be_signature("0b5e2d8c-1f7a-4c0e-9d38-6a3f2b1c9e47"));
         assert!(!could_be_signature(&jwt()));
         assert!(!could_be_signature(""));
