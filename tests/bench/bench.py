@@ -121,7 +121,8 @@ def main() -> int:
     try:
         jwks = requests.get(f"http://127.0.0.1:{idp.port}/jwks", timeout=5).text
         ports = {name: stack.free_port() for name in
-                 ("bare", "floor", "hit", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache", "issue", "issue_bare")}
+                 ("bare", "floor", "hit", "hitrev", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache",
+                  "issue", "issue_bare")}
         base = {"token_paths": ["/auth/token"], "public_prefixes": ["/public/"],
                 "store_slots": 65536}
         idp_route = {"match": {"path": "/auth/token"}, "route": {"cluster": "idp", "prefix_rewrite": "/token"}}
@@ -130,6 +131,9 @@ def main() -> int:
             listener("bare", ports["bare"], [], [ok_route]),
             listener("floor", ports["floor"], [wasm_filter(base)], [ok_route]),
             listener("hit", ports["hit"], [wasm_filter(base)], [idp_route, ok_route]),
+            # Revocation on: every request also reads the revocation epoch from shared data.
+            listener("hitrev", ports["hitrev"], [wasm_filter({**base, "revocation_paths": ["/auth/revoke"]})],
+                     [idp_route, ok_route]),
             listener("hit3", ports["hit3"], [wasm_filter({**base, "claims_to_headers": CLAIMS})], [idp_route, ok_route]),
             listener("hit3k", ports["hit3k"],
                      [wasm_filter({**base, "claims_to_headers": CLAIMS, "recompute_route": False})],
@@ -161,6 +165,7 @@ def main() -> int:
             "bare Envoy (no filter)": (url("bare"), None, "200"),
             "filter loaded, public path (floor)": (url("floor", "/public/x"), None, "200"),
             "token hit, 0 claim headers": (url("hit"), f"Bearer {sig}", "200"),
+            "token hit, 0 claim headers, revocation on": (url("hitrev"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers": (url("hit3"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers, recompute_route off": (url("hit3k"), f"Bearer {sig}", "200"),
             "token miss (401)": (url("miss"), "Bearer unknown-signature", "401"),
