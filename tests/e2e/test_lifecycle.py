@@ -41,8 +41,7 @@ def recording_idp(run_dir):
 @pytest.fixture(scope="module")
 def gw(start_gateway, recording_idp):
     # Two workers: a revocation must reach the cache of the worker that did not handle it.
-    introspect_route = {"match": {"path": "/auth/introspect"},
-                        "route": {"cluster": "idp", "prefix_rewrite": "/introspect"}}
+    introspect_route = {"match": {"path": "/auth/introspect"}, "direct_response": {"status": 404}}
     return start_gateway(LIFECYCLE, concurrency=2, name="envoy-lifecycle", idp_port=recording_idp.port,
                          extra_routes=[introspect_route])
 
@@ -101,6 +100,7 @@ def test_unknown_signature_answers_200_and_nothing_is_forwarded(gw, recording_id
     with StatDelta(gw) as d:
         r = revoke(gw, token=unknown)
     assert r.status_code == 200 and r.text == ""
+    assert "content-type" not in r.headers
     assert d["cluster.idp.upstream_rq_total"] == 0
     assert d.split_token("revocations.unknown") == 1
     assert revocations_since(recording_idp, before, 0) == []
@@ -123,6 +123,16 @@ def test_refresh_token_revocation_is_forwarded_unchanged(gw, recording_idp):
         assert d.split_token("revocations.forwarded_unchanged") == 1
     assert revocations_since(recording_idp, before, 2) == [
         {"token": refresh, "token_type_hint": "refresh_token"}, {"token": refresh}]
+
+
+def test_revocation_and_introspection_take_post_only(gw):
+    token = gw.token(sub=f"get-{uuid.uuid4().hex}")
+    with StatDelta(gw) as d:
+        for path in ("/auth/revoke", "/auth/introspect"):
+            r = requests.get(f"{gw.url}{path}?token={token}", auth=("rs", "rs-secret"), timeout=10)
+            assert r.status_code == 400 and r.json()["error"] == "invalid_request", r.text
+    assert d["cluster.idp.upstream_rq_total"] == 0
+    assert gw.call(f"Bearer {token}").status_code == 200
 
 
 @pytest.mark.parametrize("body", [b"", b"client_id=e2e", b"token=a&token=b", b"token=%zz"],
@@ -239,6 +249,15 @@ def test_dpop_bound_token_keeps_its_scheme_and_proof(gw):
     assert d.split_token("rejected.dpop_binding") == 1
     assert d.split_token("rejected.missing_dpop_proof") == 1
 
+    # Two proofs (RFC 9449 §4.3: exactly one). Envoy hands a filter only the first of repeated
+    # headers it does not join, so the filter reads them all (found in review).
+    with StatDelta(gw) as d:
+        reply = gw.raw("GET", PROTECTED, [("Authorization", f"DPoP {sig}"), ("DPoP", proof),
+                                          ("DPoP", key.proof("GET", api))])
+    assert reply.status == 401, reply
+    assert 'error="invalid_dpop_proof"' in reply.headers["www-authenticate"]
+    assert d["cluster.httpbin.upstream_rq_total"] == 0
+
 
 def test_bearer_token_under_the_dpop_scheme_is_refused(gw):
     token = gw.token(sub=f"plain-{uuid.uuid4().hex}")
@@ -269,6 +288,7 @@ def test_introspection_answers_configured_clients_only_and_never_reaches_the_idp
     assert claims["active"] is True and claims["sub"].startswith("introspect-")
     assert claims["token_type"] == "Bearer" and claims["realm_access"] == {"roles": ["user"]}
     assert unknown.json() == {"active": False}
+    assert claims["exp"] <= time.time() + 86400
     assert d["cluster.idp.upstream_rq_total"] == 0
     assert d.split_token("introspections.refused") == 3
     # Revoked is inactive, at once.

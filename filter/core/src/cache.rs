@@ -84,18 +84,22 @@ impl LocalCache {
             capacity,
             current: Map::default(),
             previous: Map::default(),
-            epoch: 0,
+            // No epoch read yet: the first sync always takes the store's.
+            epoch: u64::MAX,
         }
     }
 
-    /// Forgets everything when a token was revoked since the last call (the store's revocation
-    /// epoch moved): a revoked token must not be served from here, on any worker.
-    pub fn sync(&mut self, epoch: u64) {
-        if epoch != self.epoch {
-            self.current.clear();
-            self.previous.clear();
-            self.epoch = epoch;
+    /// Forgets everything when the store's revocation epoch moved since the last call (a token
+    /// was revoked, or evicted and so could no longer be found to be revoked): a revoked token
+    /// must not be served from here, on any worker. Returns whether the cache was emptied.
+    pub fn sync(&mut self, epoch: u64) -> bool {
+        if epoch == self.epoch {
+            return false;
         }
+        self.current.clear();
+        self.previous.clear();
+        self.epoch = epoch;
+        true
     }
 
     /// The cached forward for a signature, if present and unexpired at `now`. Keyed by the
@@ -126,6 +130,11 @@ impl LocalCache {
             self.previous = std::mem::take(&mut self.current);
         }
         self.current.insert(key.into(), forward);
+    }
+
+    /// Entries it may hold; 0 when disabled.
+    pub fn capacity(&self) -> usize {
+        self.capacity
     }
 
     /// Entries held now.

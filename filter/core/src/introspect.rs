@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
 /// The outcome of an introspection request.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Introspection {
     /// No or wrong client credentials: 401 `invalid_client`.
     Unauthorized,
@@ -25,6 +25,17 @@ pub enum Introspection {
     Invalid(RevocationError),
     /// The RFC 7662 answer, a JSON object.
     Answer(String),
+}
+
+/// Never print the answer: it holds a token's claims.
+impl std::fmt::Debug for Introspection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Unauthorized => f.write_str("Unauthorized"),
+            Self::Invalid(e) => write!(f, "Invalid({e})"),
+            Self::Answer(a) => write!(f, "Answer(<{} bytes>)", a.len()),
+        }
+    }
 }
 
 /// Whether `authorization` holds HTTP Basic credentials of a configured client (RFC 6749
@@ -50,17 +61,27 @@ pub fn authenticate(config: &IntrospectionConfig, authorization: Option<&[u8]>) 
         return false;
     };
     let (id, secret) = decoded.split_at(colon);
-    let (Ok(id), Ok(secret)) = (
-        percent_decode(id),
-        percent_decode(secret.get(1..).unwrap_or_default()),
-    ) else {
-        return false;
-    };
-    let digest: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-    config
-        .clients
-        .iter()
-        .any(|(client, expected)| *client == id && *expected == digest)
+    let secret = secret.get(1..).unwrap_or_default();
+    // RFC 6749 §2.3.1 form-encodes both before base64, but most clients (curl -u) send them
+    // raw: accept either spelling. A secret is compared by its SHA-256, over every client and
+    // both spellings, without stopping early.
+    let raw: [u8; 32] = Sha256::digest(secret).into();
+    let decoded: Option<[u8; 32]> = percent_decode(secret)
+        .ok()
+        .map(|s| Sha256::digest(s.as_bytes()).into());
+    let decoded_id = percent_decode(id).ok();
+    let mut found = false;
+    for (client, expected) in &config.clients {
+        let id_matches = client.as_bytes() == id || decoded_id.as_deref() == Some(client.as_str());
+        let secret_matches = same(expected, &raw) | decoded.is_some_and(|d| same(expected, &d));
+        found |= id_matches & secret_matches;
+    }
+    found
+}
+
+/// Compares two digests in time independent of where they differ.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Answers an authenticated introspection request.
@@ -89,7 +110,11 @@ pub fn introspect<H: SharedData>(
     };
     let key = signature.store_key();
     let slot = store.fetch_slot(&key)?;
-    let Ok(Lookup::Hit { header_payload, .. }) = find(&slot, &key, now) else {
+    let Ok(Lookup::Hit {
+        header_payload,
+        expires_at,
+    }) = find(&slot, &key, now)
+    else {
         return Ok(inactive());
     };
     let claims = header_payload
@@ -103,6 +128,12 @@ pub fn introspect<H: SharedData>(
     };
     let bound = crate::claims::is_dpop_bound(header_payload);
     claims.insert("active".into(), Value::Bool(true));
+    // The gateway may honour the token for less than its `exp` (max_ttl_seconds, expires_in):
+    // a resource server must not cache "active" beyond that.
+    let exp = claims.get("exp").and_then(Value::as_u64);
+    if exp.is_none_or(|exp| exp > expires_at) {
+        claims.insert("exp".into(), Value::from(expires_at));
+    }
     claims
         .entry("token_type")
         .or_insert_with(|| Value::from(if bound { "DPoP" } else { "Bearer" }));
@@ -140,7 +171,15 @@ mod tests {
         let i = c.introspection.as_ref().unwrap();
         assert!(authenticate(i, Some(&basic("rs:secret"))));
         assert!(authenticate(i, Some(b"basic cnM6c2VjcmV0")));
-        for bad in ["rs:Secret", "rs:", "other:secret", "rs", ":secret"] {
+        assert!(authenticate(i, Some(&basic("rs:secre%74")))); // form-encoded, RFC 6749 §2.3.1
+        for bad in [
+            "rs:Secret",
+            "rs:",
+            "other:secret",
+            "rs",
+            ":secret",
+            "rs:secret ",
+        ] {
             assert!(!authenticate(i, Some(&basic(bad))), "{bad}");
         }
         assert!(!authenticate(i, None));
@@ -173,6 +212,10 @@ mod tests {
         assert_eq!(live["active"], true);
         assert_eq!(live["sub"], "alice");
         assert_eq!(live["token_type"], "Bearer");
+        assert_eq!(
+            live["exp"], 100,
+            "the gateway's expiry, not the JWT's later exp"
+        );
         let inactive = serde_json::json!({"active": false});
         assert_eq!(answer(&format!("token={sig}"), 100), inactive); // expired
         assert_eq!(answer("token=unknown", 10), inactive);

@@ -89,13 +89,18 @@ struct Discovery {
     jwks_uri: String,
 }
 
-/// The path (and query) of an absolute `http(s)://authority/path` URI.
+/// The path (and query) of an absolute `http(s)://authority/path` URI. The path becomes the
+/// `:path` of the next request and is logged, so it is held to the rule a configured
+/// `jwks_path` obeys: no space or control character (none is legal in a URI anyway).
 fn path_of(uri: &str) -> Option<String> {
     let rest = uri
         .strip_prefix("https://")
         .or_else(|| uri.strip_prefix("http://"))?;
     let path = rest.find('/').and_then(|i| rest.get(i..)).unwrap_or("/");
     let path = path.split('#').next().unwrap_or("/");
+    if path.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return None;
+    }
     Some(path.to_owned())
 }
 
@@ -290,6 +295,38 @@ mod tests {
             on_response(&disc, Some(b"200"), br#"{"jwks_uri": "/relative"}"#),
             Outcome::Failed(FetchError::Discovery { .. })
         ));
+    }
+
+    #[test]
+    fn discovered_jwks_path_with_spaces_or_controls_is_refused() {
+        // Found by fuzz target jwks: a jwks_uri path with spaces, CR or LF was used as the next
+        // request's :path (and logged) as it was, unlike a configured jwks_path.
+        let disc = KeyRequest {
+            path: DISCOVERY_PATH.into(),
+            step: Step::Discovery,
+        };
+        // Written with JSON escapes: the document is valid, the path it names is not.
+        for uri in [
+            "http://idp/keys ",
+            "http://idp/a b",
+            r"https://idp/k\r\nx-injected: 1",
+            r"http://idp/\u0000",
+            r"http://idp/k\u007f",
+        ] {
+            let doc = format!(r#"{{"jwks_uri": "{uri}"}}"#);
+            assert!(
+                matches!(
+                    on_response(&disc, Some(b"200"), doc.as_bytes()),
+                    Outcome::Failed(FetchError::Discovery { .. })
+                ),
+                "{uri}"
+            );
+        }
+        let ok = br#"{"jwks_uri": "https://idp/realms/a%20b/certs?x=1#f"}"#;
+        let Outcome::Next(next) = on_response(&disc, Some(b"200"), ok) else {
+            panic!("expected a next step");
+        };
+        assert_eq!(next.path, "/realms/a%20b/certs?x=1");
     }
 
     #[test]

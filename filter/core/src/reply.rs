@@ -89,6 +89,14 @@ impl Rejection {
                     "this token is bound to a key: present it with the DPoP scheme and a proof",
                 ),
             },
+            Self::DpopUncheckable => LocalReply {
+                status: 401,
+                www_authenticate: Some(&config.challenge_dpop_invalid_token),
+                body: json(
+                    Some("invalid_token"),
+                    "this gateway forwards no JWT, so it cannot pass on a DPoP-bound token",
+                ),
+            },
             Self::DpopNotBound => LocalReply {
                 status: 401,
                 www_authenticate: Some(&config.challenge_dpop_invalid_token),
@@ -111,7 +119,9 @@ impl Rejection {
             Self::Expired => Counter::RejectedExpired,
             Self::StoreUnavailable => Counter::RejectedStoreUnavailable,
             Self::MissingDpopProof => Counter::RejectedMissingDpopProof,
-            Self::DpopBoundAsBearer | Self::DpopNotBound => Counter::RejectedDpopBinding,
+            Self::DpopBoundAsBearer | Self::DpopNotBound | Self::DpopUncheckable => {
+                Counter::RejectedDpopBinding
+            }
         }
     }
 }

@@ -98,6 +98,8 @@ pub enum Rejection {
     DpopBoundAsBearer,
     /// The `DPoP` scheme with a token that is not DPoP-bound.
     DpopNotBound,
+    /// A DPoP-bound token while `forward_jwt` is off: no upstream could check its proof.
+    DpopUncheckable,
 }
 
 /// The decision for one API request.
@@ -159,6 +161,9 @@ pub fn authorize<H: SharedData>(
     Ok(match (dpop, f.dpop_bound) {
         (false, true) => Verdict::Reject(Rejection::DpopBoundAsBearer),
         (true, false) => Verdict::Reject(Rejection::DpopNotBound),
+        // Without the JWT no upstream can check the proof against `cnf.jkt`: refuse rather
+        // than forward a sender-constrained token whose constraint nobody checks.
+        (true, true) if !config.forward_jwt => Verdict::Reject(Rejection::DpopUncheckable),
         _ => forward,
     })
 }
@@ -171,15 +176,23 @@ pub(crate) fn lookup<H: SharedData>(
     signature: Signature<'_>,
     now: u64,
 ) -> Result<Verdict, (Rejection, StoreError)> {
-    if config.revocation_enabled() {
-        // A revocation on any worker moves the epoch; a stale cache must not serve it.
+    if let Some(forward) = cache.get(signature.as_str(), now) {
+        // A revocation on any worker (through any listener sharing this store) moves the
+        // epoch; a cache that missed it is emptied and the store, which is authoritative,
+        // decides.
+        let epoch = store
+            .epoch()
+            .map_err(|e| (Rejection::StoreUnavailable, e))?;
+        if !cache.sync(epoch) {
+            return Ok(Verdict::Forward(forward));
+        }
+    } else if cache.capacity() > 0 {
+        // Epoch first, then the slot: a revocation landing in between moves the epoch past
+        // the one this entry is cached under, so the next hit drops it.
         let epoch = store
             .epoch()
             .map_err(|e| (Rejection::StoreUnavailable, e))?;
         cache.sync(epoch);
-    }
-    if let Some(forward) = cache.get(signature.as_str(), now) {
-        return Ok(Verdict::Forward(forward));
     }
     let key = signature.store_key();
     let slot = store
@@ -519,6 +532,25 @@ mod tests {
         assert_eq!(
             run(&format!("DPoP {plain}"), proof()),
             Verdict::Reject(Rejection::DpopNotBound)
+        );
+        drop(run);
+        // With forward_jwt off no upstream could check the proof (found in review).
+        let no_jwt = Config {
+            forward_jwt: false,
+            ..config.clone()
+        };
+        let auth = format!("DPoP {sig}");
+        let verdict = authorize(
+            &no_jwt,
+            &store,
+            &mut LocalCache::new(0),
+            Some(auth.as_bytes()),
+            proof,
+            10,
+        );
+        assert_eq!(
+            verdict.unwrap(),
+            Verdict::Reject(Rejection::DpopUncheckable)
         );
     }
 }

@@ -184,15 +184,16 @@ pub(crate) fn describe(e: &serde_json::Error) -> String {
 }
 
 /// `expires_in` as seconds: a JSON number, or a string of digits (some IdPs). A negative value
-/// means already expired.
-fn expires_in(raw: &RawValue) -> Option<u64> {
-    match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
-        serde_json::Value::Number(n) => n
-            .as_u64()
-            .or_else(|| n.as_f64().map(|f| if f <= 0.0 { 0 } else { f as u64 })),
-        serde_json::Value::String(s) => s.trim().parse::<i64>().ok().map(|v| v.max(0) as u64),
-        _ => None,
+/// means already expired. Kept as a float, fraction and all, so that the rewrite compares what
+/// the client reads: a JSON number is read by Rust's parser, which takes every JSON number
+/// (serde_json refuses `1e400`; this reads it as infinity).
+fn expires_in(raw: &RawValue) -> Option<f64> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        let s: String = serde_json::from_str(text).ok()?;
+        return s.trim().parse::<i64>().ok().map(|v| v as f64);
     }
+    text.parse::<f64>().ok()
 }
 
 /// Splits a buffered 200 token response.
@@ -231,14 +232,15 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
         .find(|(k, _)| k == "expires_in")
         .and_then(|(_, v)| expires_in(v));
     if let Some(secs) = announced {
-        expires_at = expires_at.min(now.saturating_add(secs));
+        // `as` saturates: negative is 0, infinite is u64::MAX, a fraction is dropped.
+        expires_at = expires_at.min(now.saturating_add(secs as u64));
     }
     if expires_at <= now {
         return Err(SplitError::AlreadyExpired);
     }
     // Tell the client the lifetime the gateway will honour when it is shorter than announced.
     let lifetime = expires_at - now;
-    let rewrite_expires_in = announced.is_some_and(|secs| secs > lifetime);
+    let rewrite_expires_in = announced.is_some_and(|secs| secs > lifetime as f64);
 
     let signature = jws.signature();
     let mut out = Vec::with_capacity(body.len());
@@ -364,6 +366,31 @@ mod tests {
             v["expires_in"], 3600,
             "unchanged when the gateway honours it all"
         );
+    }
+
+    #[test]
+    fn expires_in_beyond_what_is_honoured_is_always_rewritten() {
+        // Found by fuzz target token_response: `1e400` (too large for serde_json) and `3600.5`
+        // (floored to the 3600 s honoured) were passed to the client unchanged.
+        let c = config(r#", "max_ttl_seconds": 3600"#);
+        for (announced, honoured) in [("1e400", 3600), ("3600.5", 3600), ("\"7200\"", 3600)] {
+            let body = format!(r#"{{"access_token": "{JWT}", "expires_in": {announced}}}"#);
+            let plan = split(&c, body.as_bytes(), 1_000).unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&plan.body).unwrap();
+            assert_eq!(v["expires_in"], honoured, "{announced}");
+            assert_eq!(plan.expires_at, 1_000 + honoured, "{announced}");
+        }
+        // The fraction is not honoured, and the client is told so.
+        let fraction = format!(r#"{{"access_token": "{JWT}", "expires_in": 59.9}}"#);
+        let plan = split(&c, fraction.as_bytes(), 1_000).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&plan.body).unwrap();
+        assert_eq!((plan.expires_at, &v["expires_in"]), (1_059, &59.into()));
+        // What the gateway honours in full is kept as the IdP wrote it.
+        let exact = format!(r#"{{"access_token": "{JWT}", "expires_in": "3600"}}"#);
+        let plan = split(&c, exact.as_bytes(), 1_000).unwrap();
+        assert!(String::from_utf8(plan.body)
+            .unwrap()
+            .ends_with(r#""expires_in":"3600"}"#));
     }
 
     #[test]

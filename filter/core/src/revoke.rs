@@ -28,7 +28,7 @@ pub const MAX_REVOCATION_BODY: usize = 16 * 1024;
 /// P-384, P-521 (64/96/132), EdDSA (64, 114) and RSA 2048 to 4096 bits (256/384/512).
 const SIGNATURE_LENGTHS: [usize; 9] = [32, 48, 64, 96, 114, 132, 256, 384, 512];
 
-/// Why a revocation request was refused (RFC 7009 §2.2.1: `invalid_request`).
+/// Why a revocation or introspection request was refused (`invalid_request`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RevocationError {
@@ -40,17 +40,20 @@ pub enum RevocationError {
     MissingToken,
     /// A parameter that must appear once appears more often.
     Repeated { name: &'static str },
+    /// The request is not a POST (RFC 7009 §2.1, RFC 7662 §2.1).
+    NotPost,
 }
 
 impl fmt::Display for RevocationError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::TooLarge { limit } => write!(f, "revocation request body exceeds {limit} bytes"),
+            Self::TooLarge { limit } => write!(f, "the request body exceeds {limit} bytes"),
             Self::NotForm { reason } => {
-                write!(f, "revocation request body is not a form: {reason}")
+                write!(f, "the request body is not a form: {reason}")
             }
-            Self::MissingToken => f.write_str("revocation request has no token parameter"),
-            Self::Repeated { name } => write!(f, "revocation request has more than one {name}"),
+            Self::MissingToken => f.write_str("the request has no token parameter"),
+            Self::Repeated { name } => write!(f, "the request has more than one {name}"),
+            Self::NotPost => f.write_str("this endpoint takes POST only"),
         }
     }
 }
@@ -266,10 +269,8 @@ pub fn logout<H: SharedData>(
             Credentials::Signature(s) | Credentials::Dpop(s) => s,
             _ => return Ok(verdict),
         };
-        match forget(store, &signature.store_key()) {
-            Ok(()) => cache.sync(store.epoch().unwrap_or_default()),
-            Err(Failure::Store(e)) => return Err((Rejection::StoreUnavailable, e)),
-            Err(Failure::Request(_)) => {}
+        if let Err(Failure::Store(e)) = forget(store, &signature.store_key()) {
+            return Err((Rejection::StoreUnavailable, e));
         }
     }
     Ok(verdict)
@@ -475,6 +476,53 @@ mod tests {
             10,
         );
         assert_eq!(after.unwrap(), Verdict::Reject(Rejection::Unknown));
+    }
+
+    #[test]
+    fn a_token_evicted_then_revoked_is_not_served_from_a_cache() {
+        // Found in review: revoking a token that a full slot had evicted found nothing, moved no
+        // epoch, and workers kept serving it from their caches.
+        let c = Config::from_json(
+            br#"{"token_paths": ["/t"], "revocation_paths": ["/r"], "store_slots": 1, "slot_capacity": 1}"#,
+        )
+        .unwrap();
+        let host = MemoryData::default();
+        let store = store_of(&c, &host);
+        put_jwt(&store);
+        let auth = format!("Bearer {SIG}");
+        let mut cache = LocalCache::new(16);
+        let first = authorize(&c, &store, &mut cache, Some(auth.as_bytes()), || None, 10);
+        assert!(matches!(first, Ok(Verdict::Forward(_))));
+        let other = Signature::parse(b"b3RoZXItc2lnbmF0dXJlLW9mLTMyLWJ5dGVzLWxvbmc").unwrap();
+        let entry = Entry {
+            key: other.store_key(),
+            expires_at: 100,
+            header_payload: b"h.p",
+        };
+        assert_eq!(store.put(&entry, 10).unwrap().evicted, 1);
+        assert_eq!(
+            revoke(&store, format!("token={SIG}").as_bytes(), 10).unwrap(),
+            RevocationPlan::AnswerLocally
+        );
+        let after = authorize(&c, &store, &mut cache, Some(auth.as_bytes()), || None, 10);
+        assert_eq!(after.unwrap(), Verdict::Reject(Rejection::Unknown));
+    }
+
+    #[test]
+    fn a_bump_that_loses_its_race_still_moves_the_epoch() {
+        let c = config();
+        let host = MemoryData::default();
+        let store = store_of(&c, &host);
+        store.seed_epoch(7).unwrap();
+        let before = store.epoch().unwrap();
+        // Another worker bumps between this read and this write.
+        host.before_set
+            .borrow_mut()
+            .push(Box::new(|h: &MemoryData| {
+                Store::new(h, "split-token/", 8, 8).bump_epoch().unwrap();
+            }));
+        store.bump_epoch().unwrap();
+        assert_ne!(store.epoch().unwrap(), before);
     }
 
     #[test]

@@ -335,12 +335,27 @@ impl<'a, H: SharedData> Store<'a, H> {
                 created += 1;
             }
         }
-        // The epoch key too: a blind creation racing a bump could otherwise set it back.
-        let epoch = self.epoch_key();
-        if self.get(&epoch)?.1.is_none() {
-            self.create_empty(&epoch)?;
-        }
         Ok(created)
+    }
+
+    /// Creates the revocation epoch key if it is missing, starting at `seed`. Give a value no
+    /// earlier creation used (the clock in nanoseconds): Envoy's CAS cannot guard a creation,
+    /// so a late creation may overwrite a bump, and a fresh seed still reads as a change to
+    /// every cache instead of setting the epoch back to a value a cache already saw.
+    pub fn seed_epoch(&self, seed: u64) -> Result<(), StoreError> {
+        let key = self.epoch_key();
+        if self.get(&key)?.1.is_none() {
+            match self.host.set(&key, &seed.to_be_bytes(), None) {
+                Ok(()) | Err(SetError::CasMismatch) => {}
+                Err(SetError::Host(HostStatus(status))) => {
+                    return Err(StoreError::Host {
+                        operation: "set",
+                        status,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     fn create_empty(&self, slot_key: &str) -> Result<(), StoreError> {
@@ -365,6 +380,12 @@ impl<'a, H: SharedData> Store<'a, H> {
             let (next, report) = insert(current, entry, now, self.capacity);
             (Some(next), report)
         })?;
+        if report.evicted > 0 {
+            // An evicted token is still valid and may sit in workers' caches, where a later
+            // revocation (which finds nothing in the store) could not reach it. Moving the
+            // epoch keeps every cache a subset of the store.
+            self.bump_epoch()?;
+        }
         Ok(PutReport {
             evicted: report.evicted,
             expired: report.expired,
@@ -391,13 +412,22 @@ impl<'a, H: SharedData> Store<'a, H> {
         Ok(decode_epoch(&value))
     }
 
-    /// Moves the revocation epoch on; returns the new value.
-    pub fn bump_epoch(&self) -> Result<u64, StoreError> {
-        let (epoch, _) = self.update(&self.epoch_key(), |current| {
-            let next = decode_epoch(current).wrapping_add(1);
-            (Some(next.to_be_bytes().to_vec()), next)
-        })?;
-        Ok(epoch)
+    /// Moves the revocation epoch on, after a revocation or an eviction.
+    ///
+    /// One compare-and-swap, no retry: a mismatch means another worker moved the epoch after
+    /// this read, which came after the caller's change to the store, so every cache that syncs
+    /// later sees a new value either way. Only a host failure is an error.
+    pub fn bump_epoch(&self) -> Result<(), StoreError> {
+        let key = self.epoch_key();
+        let (current, cas) = self.get(&key)?;
+        let next = decode_epoch(&current).wrapping_add(1);
+        match self.host.set(&key, &next.to_be_bytes(), cas) {
+            Ok(()) | Err(SetError::CasMismatch) => Ok(()),
+            Err(SetError::Host(HostStatus(status))) => Err(StoreError::Host {
+                operation: "set",
+                status,
+            }),
+        }
     }
 
     fn epoch_key(&self) -> String {
@@ -581,7 +611,8 @@ pub(crate) mod tests {
             store.put(&e, 0).unwrap();
         }
         let map = host.map.borrow();
-        assert!(map.len() <= 16, "{} keys", map.len());
+        // The slots, plus the one revocation epoch key that evictions move.
+        assert!(map.len() <= 16 + 1, "{} keys", map.len());
         assert!(map.keys().all(|k| k.starts_with("p/")));
     }
 
@@ -657,8 +688,8 @@ pub(crate) mod tests {
         let other = Store::new(&strict, "q/", 1, 8);
         let report = other.put(&entry(2, 100, b"two"), 0).unwrap();
         assert_eq!(report.retries, 1);
-        // 4 slots and the revocation epoch at initialize, then the missing q/ slot.
-        assert_eq!(*strict.1.borrow(), 6);
+        // 4 slots at initialize, then the missing q/ slot.
+        assert_eq!(*strict.1.borrow(), 5);
         let slot = other.fetch_slot(&key(2)).unwrap();
         assert!(matches!(find(&slot, &key(2), 0), Ok(Lookup::Hit { .. })));
     }

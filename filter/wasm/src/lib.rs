@@ -229,7 +229,14 @@ impl RootContext for SplitTokenRoot {
                     config.store_slots,
                     config.slot_capacity,
                 );
-                match store.initialize() {
+                let seed = hostcalls::get_current_time()
+                    .ok()
+                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos() as u64);
+                match store.initialize().and_then(|created| {
+                    store.seed_epoch(seed)?;
+                    Ok(created)
+                }) {
                     Ok(0) => {}
                     Ok(created) => log(LogLevel::Info, &format!("created {created} store slots")),
                     Err(e) => {
@@ -373,6 +380,9 @@ impl SplitTokenHttp {
 
     fn send(&self, reply: &LocalReply<'_>) {
         let mut headers: Vec<(&str, &str)> = LocalReply::HEADERS.to_vec();
+        if reply.body.is_empty() {
+            headers.retain(|(name, _)| *name != "content-type");
+        }
         if let Some(challenge) = reply.www_authenticate {
             headers.push(("www-authenticate", challenge));
         }
@@ -415,6 +425,20 @@ impl SplitTokenHttp {
             .flatten()
     }
 
+    /// The `DPoP` request header. Envoy's single-value read returns only the first of several
+    /// (this header is not joined with commas), so all are read: several come back joined
+    /// with a comma, which no single proof contains and the core refuses.
+    fn dpop_header(&self) -> Option<Vec<u8>> {
+        let headers = hostcalls::get_map_bytes(MapType::HttpRequestHeaders).ok()?;
+        let mut proofs = headers.into_iter().filter(|(name, _)| name == "dpop");
+        let mut value = proofs.next()?.1;
+        for (_, more) in proofs {
+            value.push(b',');
+            value.extend_from_slice(&more);
+        }
+        Some(value)
+    }
+
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
         hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
             .ok()
@@ -430,13 +454,20 @@ impl SplitTokenHttp {
                 self.state = State::TokenEndpoint;
                 Action::Continue
             }
-            Route::Revocation => {
-                // Held until the body says which token; the body may be rewritten.
-                self.state = State::Revocation;
-                Action::Pause
-            }
-            Route::Introspection => {
-                self.state = State::Introspection;
+            Route::Revocation | Route::Introspection => {
+                // RFC 7009 and 7662 endpoints take POST only.
+                if self.request_header(":method").as_deref() != Some(b"POST") {
+                    self.state = State::Done;
+                    let not_post = Failure::Request(RevocationError::NotPost);
+                    self.send(&revocation_failure(&not_post));
+                    return Action::Pause;
+                }
+                // Held until the body says which token; a revocation body may be rewritten.
+                self.state = if self.config.route(path) == Route::Revocation {
+                    State::Revocation
+                } else {
+                    State::Introspection
+                };
                 Action::Pause
             }
             Route::Public => {
@@ -556,7 +587,7 @@ impl SplitTokenHttp {
             &self.store(),
             &mut self.cache.borrow_mut(),
             authorization.as_deref(),
-            || self.request_header("dpop"),
+            || self.dpop_header(),
             now(),
         );
         if logout && matches!(verdict, Ok(Verdict::Forward(_))) {
@@ -788,9 +819,10 @@ impl HttpContext for SplitTokenHttp {
         if matches!(self.state, State::Revocation | State::Introspection) && end_of_stream {
             action = self.finish_request_body(0);
         }
+        let held = matches!(self.state, State::Revocation | State::Introspection);
         if self.config.recompute_route
             && !self.config.claims_to_headers.is_empty()
-            && action == Action::Continue
+            && (action == Action::Continue || held)
         {
             // Envoy picked the route before this filter ran, possibly on a client-sent identity
             // header: recompute it on the headers as the filter left them.
@@ -837,12 +869,20 @@ impl HttpContext for SplitTokenHttp {
             return Action::Continue;
         }
         if body_size > revoke::MAX_REVOCATION_BODY {
-            self.state = State::Done;
-            self.metrics.bump(Counter::RevocationsInvalid);
-            let too_large = Failure::Request(RevocationError::TooLarge {
+            let too_large = RevocationError::TooLarge {
                 limit: revoke::MAX_REVOCATION_BODY,
-            });
-            self.send(&revocation_failure(&too_large));
+            };
+            if self.state == State::Introspection {
+                self.metrics.bump(Counter::IntrospectionsRefused);
+                self.send(&introspection_reply(
+                    &self.config,
+                    &Introspection::Invalid(too_large),
+                ));
+            } else {
+                self.metrics.bump(Counter::RevocationsInvalid);
+                self.send(&revocation_failure(&Failure::Request(too_large)));
+            }
+            self.state = State::Done;
             return Action::Pause;
         }
         if !end_of_stream {
