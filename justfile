@@ -63,3 +63,7 @@ bench *args: deps build bench-deps
     if [ -z "$quick" ]; then
       {{venv}}/bin/python tests/bench/report.py .run/bench/throughput.json .run/bench/scale.json
     fi
+
+# Fuzz every core parser for a bounded time each (not in CI): just fuzz [seconds-per-target] [target...]
+fuzz *args:
+    fuzz/run.sh {{args}}

@@ -1,7 +1,7 @@
 //! Filter configuration: a raw serde struct, then a validated [`Config`].
 //!
 //! Parsing is two steps so that every check lives in one place and every error names the
-//! field it is about (`store_slots: must be between 1 and 16777216, got 0`). Envoy hands the
+//! field it is about (`store_slots: must be between 1 and 4194304, got 0`). Envoy hands the
 //! JSON to `on_configure`; an error there makes the filter refuse the configuration.
 
 use crate::claims::{check_header_name, ClaimHeader, ClaimPath};
@@ -293,8 +293,52 @@ impl Config {
         let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| ConfigError::Syntax {
             message: e.to_string(),
         })?;
+        if let Some(e) = serde_json::from_slice(bytes)
+            .ok()
+            .as_ref()
+            .and_then(array_for_object)
+        {
+            return Err(e);
+        }
         Self::try_from(raw)
     }
+}
+
+/// Where the configuration gives an array for an object. serde reads a struct from an array
+/// too, field by field in declaration order, so such a configuration would silently change
+/// meaning whenever a field is added (`[["/t"], ["/health/"]]` made `/health/` a public prefix,
+/// then a revocation path). Only objects configure.
+fn array_for_object(config: &serde_json::Value) -> Option<ConfigError> {
+    use serde_json::Value;
+    let array = |field: String| Some(invalid(field, "must be a JSON object, not an array"));
+    if config.is_array() {
+        return Some(ConfigError::Syntax {
+            message: "expected a JSON object, not an array".to_owned(),
+        });
+    }
+    for field in ["verify", "introspection"] {
+        if config.get(field).is_some_and(Value::is_array) {
+            return array(field.to_owned());
+        }
+    }
+    fn items(v: Option<&Value>) -> impl Iterator<Item = (usize, &Value)> {
+        v.and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .enumerate()
+    }
+    for (i, m) in items(config.get("claims_to_headers")) {
+        if m.is_array() {
+            return array(format!("claims_to_headers[{i}]"));
+        }
+    }
+    let clients = config.get("introspection").and_then(|v| v.get("clients"));
+    for (i, c) in items(clients) {
+        if c.is_array() {
+            return array(format!("introspection.clients[{i}]"));
+        }
+    }
+    None
 }
 
 fn check_path(field: &str, index: usize, path: &str) -> Result<(), ConfigError> {
@@ -821,6 +865,32 @@ mod tests {
         let err = parse(r#"{"token_paths": ["/a"], "full_jwt": "maybe"}"#).unwrap_err();
         assert!(err.to_string().contains("maybe"), "{err}");
         assert_eq!(parse("  ").unwrap_err(), ConfigError::Missing);
+    }
+
+    #[test]
+    fn positional_arrays_are_not_configuration() {
+        // Found by fuzz target config: `[["/"]]` was accepted, serde filling the fields by
+        // position, so the meaning of such a configuration moved whenever a field was added.
+        assert!(matches!(
+            parse(r#"[["/t"], ["/health/"]]"#),
+            Err(ConfigError::Syntax { .. })
+        ));
+        let nested = [
+            (r#""verify": [null, "idp"]"#, "verify"),
+            (
+                r#""claims_to_headers": [["sub", "x-user-id"]]"#,
+                "claims_to_headers[0]",
+            ),
+            (r#""introspection": [["/i"], []]"#, "introspection"),
+            (
+                r#""introspection": {"paths": ["/i"], "clients": [["c", "00"]]}"#,
+                "introspection.clients[0]",
+            ),
+        ];
+        for (member, field) in nested {
+            let err = parse(&format!(r#"{{"token_paths": ["/t"], {member}}}"#)).unwrap_err();
+            assert_eq!(field_of(err), field, "{member}");
+        }
     }
 
     #[test]

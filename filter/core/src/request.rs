@@ -533,7 +533,6 @@ mod tests {
             run(&format!("DPoP {plain}"), proof()),
             Verdict::Reject(Rejection::DpopNotBound)
         );
-        drop(run);
         // With forward_jwt off no upstream could check the proof (found in review).
         let no_jwt = Config {
             forward_jwt: false,
