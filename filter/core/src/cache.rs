@@ -3,14 +3,16 @@
 //! A token's store entry never changes once written: the same signature always rebuilds the
 //! same `Authorization` and the same claim headers until it expires. So each worker keeps what it
 //! built for recently seen tokens and serves repeat requests without SHA-256, a copy of the
-//! slot or a payload decode: one 8-byte shared-data read of the revocation epoch is all. Misses
+//! slot or a payload decode (with revocation configured, one 8-byte shared-data read of the
+//! revocation epoch). Misses
 //! always go to the shared store, so a token issued on another worker is usable at once.
 //!
 //! Bounded by two generations: inserts go to `current`; when it holds half the capacity it
 //! becomes `previous` (dropping the old `previous`). A hit in `previous` is promoted. Lookups and
 //! inserts are O(1) and memory never exceeds `capacity` entries.
 //!
-//! The cache never outlives the store: every hit first compares the store's revocation epoch
+//! With revocation configured the cache never outlives the store: every hit first compares
+//! the store's revocation epoch
 //! with the one the cache was filled under ([`LocalCache::sync`]), and revocations and
 //! evictions move it. A token revoked or evicted on any worker is then looked up in the store
 //! again, where it is gone.
