@@ -144,8 +144,7 @@ pub fn introspect<H: SharedData>(
 mod tests {
     use super::*;
     use crate::config::Config;
-    use crate::store::tests::MemoryData;
-    use crate::store::Entry;
+    use crate::store::tests::{put_token, MemoryData};
     use crate::token::tests::JWT;
 
     const SECRET_SHA256: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"; // "secret"
@@ -193,17 +192,7 @@ mod tests {
         let host = MemoryData::default();
         let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
         let (hp, sig) = JWT.rsplit_once('.').unwrap();
-        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        put_token(&store, sig, hp.as_bytes(), 100);
         let answer = |body: &str, now| match introspect(&store, body.as_bytes(), now).unwrap() {
             Introspection::Answer(json) => serde_json::from_str::<Value>(&json).unwrap(),
             other => panic!("{other:?}"),

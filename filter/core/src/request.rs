@@ -239,7 +239,7 @@ pub(crate) fn lookup<H: SharedData>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::MemoryData;
+    use crate::store::tests::{put_token, MemoryData};
     use crate::store::Entry;
     use crate::token::tests::JWT;
 
@@ -485,17 +485,7 @@ mod tests {
         let bound = URL_SAFE_NO_PAD.encode(br#"{"sub":"a","exp":200,"cnf":{"jkt":"0ZcOCORZNYy"}}"#);
         let hp = format!("{header}.{bound}");
         let sig = "Ym91bmQtc2lnbmF0dXJl";
-        let key = Signature::parse(sig.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        put_token(&store, sig, hp.as_bytes(), 100);
         let proof = || Some(b"eyJ0eXAiOiJkcG9wK2p3dCJ9.eyJodG0iOiJHRVQifQ.c2ln".to_vec());
         let mut cache = LocalCache::new(16);
         let mut run = |auth: &str, proof: Option<Vec<u8>>| {

@@ -279,7 +279,7 @@ pub fn logout<H: SharedData>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::tests::MemoryData;
+    use crate::store::tests::{put_token, MemoryData};
     use crate::store::Entry;
     use crate::token::tests::JWT;
 
@@ -305,17 +305,7 @@ mod tests {
 
     fn put_jwt(store: &Store<'_, MemoryData>) -> (&'static str, &'static str) {
         let (hp, _) = JWT.rsplit_once('.').unwrap();
-        let key = Signature::parse(SIG.as_bytes()).unwrap().store_key();
-        store
-            .put(
-                &Entry {
-                    key,
-                    expires_at: 100,
-                    header_payload: hp.as_bytes(),
-                },
-                0,
-            )
-            .unwrap();
+        put_token(store, SIG, hp.as_bytes(), 100);
         (hp, SIG)
     }
 

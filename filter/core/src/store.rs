@@ -488,6 +488,24 @@ pub(crate) mod tests {
         pub sets: RefCell<u32>,
     }
 
+    /// Stores `header_payload` for the token whose signature is `signature`, as issuance does.
+    pub fn put_token<H: SharedData>(
+        store: &Store<'_, H>,
+        signature: &str,
+        header_payload: &[u8],
+        expires_at: u64,
+    ) {
+        let key = crate::token::Signature::parse(signature.as_bytes())
+            .unwrap()
+            .store_key();
+        let entry = Entry {
+            key,
+            expires_at,
+            header_payload,
+        };
+        store.put(&entry, 0).unwrap();
+    }
+
     impl MemoryData {
         pub fn raw_set(&self, key: &str, value: &[u8]) {
             let mut map = self.map.borrow_mut();
