@@ -61,6 +61,8 @@ RESPONSES = load("token_responses.yaml")
 IDENTITY_ROWS = load("identity_headers.yaml")
 REVOCATIONS = load("revocations.yaml")
 INTROSPECTIONS = load("introspection.yaml")
+DPOP_ROWS = load("dpop.yaml")
+DPOP_TOKEN = "/corpus/token/dpop-issue"
 REVOKE = "/corpus/revoke"
 INTROSPECT = "/corpus/introspect"
 
@@ -113,7 +115,7 @@ def corpus(start_gateway, idp) -> Corpus:
     idp_keys = httpx.get(f"http://127.0.0.1:{idp.port}/jwks").json()["keys"]
     issuer = f"http://localhost:{idp.port}"
     settings = {
-        "token_paths": ["/auth/token"] + [TOKEN + r["id"] for r in RESPONSES],
+        "token_paths": ["/auth/token", DPOP_TOKEN] + [TOKEN + r["id"] for r in RESPONSES],
         "public_prefixes": [PUBLIC],
         "revocation_paths": [REVOKE],
         "introspection": {"paths": [INTROSPECT], "clients": [
@@ -679,6 +681,58 @@ def test_introspection(corpus, row):
             assert answer["exp"] > time.time()
 
 
+# --- DPoP ----------------------------------------------------------------------------------------
+
+def dpop_proof(url: str) -> str:
+    """A proof-shaped JWT (RFC 9449 §4.2). The gateway checks only its shape; no upstream here
+    verifies it."""
+    header = {"typ": "dpop+jwt", "alg": "ES256",
+              "jwk": {"kty": "EC", "crv": "P-256", "x": b64url(os.urandom(32)), "y": b64url(os.urandom(32))}}
+    claims = {"htm": "GET", "htu": url, "iat": int(time.time()), "jti": uuid.uuid4().hex}
+    return f"{b64json(header)}.{b64json(claims)}.{b64url(os.urandom(64))}"
+
+
+@pytest.mark.parametrize("row", DPOP_ROWS, ids=[r["id"] for r in DPOP_ROWS])
+def test_dpop(corpus, row):
+    tokens = Tokens(corpus)
+    bound = row.get("token", "bound") == "bound"
+    cnf = {"cnf": {"jkt": b64url(os.urandom(32))}} if bound else {}
+    jwt_text = tokens.signed(**cnf)
+    body = json.dumps({"access_token": jwt_text, "token_type": "DPoP" if bound else "Bearer"})
+    corpus.upstream.play(DPOP_TOKEN, Script(headers=[("content-type", "application/json")],
+                                            body=body.encode()))
+    issued = h1(corpus.gateway.envoy.port, "POST", DPOP_TOKEN, [], b"grant_type=client_credentials")
+    sig = issued.json()["access_token"]
+    assert sig == jwt_text.split(".")[2], issued
+    path = API + "dpop-" + row["id"]
+    values = {"sig": sig, "jwt": jwt_text, "sig_flip_last": _flip(sig, len(sig) - 1),
+              "proof": dpop_proof(corpus.gateway.url + path)}
+    render = lambda t: PLACEHOLDER.sub(lambda m: values[m.group(1)], t)  # noqa: E731
+    proofs = [render(v) for v in row["dpop"]]
+    headers = [("Authorization", encode_value(render(row["authorization"])))]
+    headers += [("DPoP", encode_value(p)) for p in proofs]
+    x = exchange(corpus, row, "GET", path, headers)
+    assert_no_leak(x, tokens)
+    upstream = corpus.upstream.received(path)
+    expect = row["expect"]
+    if expect in ("forward", "forward_bearer"):
+        assert x.status == 200 and not x.broken, x
+        assert len(upstream) == 1, upstream
+        scheme = "DPoP" if expect == "forward" else "Bearer"
+        assert upstream[0].header("authorization") == [f"{scheme} {jwt_text}"], upstream[0].headers
+        assert upstream[0].header("dpop") == [p.strip() for p in proofs]
+        return
+    assert upstream == [], f"a refused request reached the upstream: {upstream[0].headers}"
+    dpop_realm = 'DPoP realm="split-token"'
+    if expect == "invalid_dpop_proof":
+        assert_challenge(x, 401, "invalid_dpop_proof", realm=dpop_realm)
+    elif expect == "dpop_invalid_token":
+        assert_challenge(x, 401, "invalid_token", realm=dpop_realm)
+    else:
+        assert expect == "invalid_token"
+        assert_challenge(x, 401, "invalid_token")
+
+
 # --- afterwards ------------------------------------------------------------------------------------
 
 def test_after_the_corpus(corpus):
@@ -697,5 +751,6 @@ def test_after_the_corpus(corpus):
     r = gw.call(f"Bearer {token}")
     assert r.status_code == 200
     assert r.json()["headers"]["Authorization"].endswith("." + token)
-    counted = sum(map(len, (AUTHORIZATION, RESPONSES, IDENTITY_ROWS, REVOCATIONS, INTROSPECTIONS)))
+    counted = sum(map(len, (AUTHORIZATION, RESPONSES, IDENTITY_ROWS, REVOCATIONS, INTROSPECTIONS,
+                            DPOP_ROWS)))
     assert counted >= 200, counted
