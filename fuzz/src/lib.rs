@@ -21,6 +21,7 @@
 //! | [`claims`] | `claims`: `ClaimPath`, `check_header_name`, `render`, `project` |
 //! | [`jwks`] | `verify::KeySet::parse`, `keys::on_response`, `verify::verify` |
 //! | [`revocation`] | `revoke`: `parse_form`, `encode_form`, `revoke` |
+//! | [`introspect`] | `introspect`: `authenticate`, `introspect` |
 #![forbid(unsafe_code)]
 // A fuzz target reports a violated property by panicking, so asserts, `unwrap`/`expect` and
 // indexing on what must hold, and `panic!`, are the point of this crate, not a hazard.
@@ -34,6 +35,7 @@
 mod authorization;
 mod claims;
 mod config;
+mod introspect;
 mod jwks;
 mod jws;
 mod revocation;
@@ -44,6 +46,7 @@ mod token_response;
 pub use authorization::authorization;
 pub use claims::claims;
 pub use config::config;
+pub use introspect::introspect;
 pub use jwks::jwks;
 pub use jws::jws;
 pub use revocation::revocation;
@@ -54,7 +57,7 @@ pub use token_response::token_response;
 pub type Property = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` knows it: the replay test walks this list.
-pub const TARGETS: [(&str, Property); 8] = [
+pub const TARGETS: [(&str, Property); 9] = [
     ("jws", jws),
     ("authorization", authorization),
     ("token_response", token_response),
@@ -63,6 +66,7 @@ pub const TARGETS: [(&str, Property); 8] = [
     ("claims", claims),
     ("jwks", jwks),
     ("revocation", revocation),
+    ("introspect", introspect),
 ];
 
 #[cfg(test)]

@@ -384,6 +384,7 @@ fn introspection_config(raw: RawIntrospection) -> Result<IntrospectionConfig, Co
         let hex = c.client_secret_sha256.as_bytes();
         let mut digest = [0u8; 32];
         let valid = hex.len() == 64
+            && hex.iter().all(u8::is_ascii_hexdigit)
             && digest.iter_mut().zip(hex.chunks(2)).all(|(out, pair)| {
                 std::str::from_utf8(pair)
                     .ok()

@@ -134,9 +134,12 @@ pub fn introspect<H: SharedData>(
     if exp.is_none_or(|exp| exp > expires_at) {
         claims.insert("exp".into(), Value::from(expires_at));
     }
-    claims
-        .entry("token_type")
-        .or_insert_with(|| Value::from(if bound { "DPoP" } else { "Bearer" }));
+    // The token's binding decides, not a `token_type` claim in the payload: a DPoP-bound token
+    // announced as Bearer would be taken without its proof.
+    claims.insert(
+        "token_type".into(),
+        Value::from(if bound { "DPoP" } else { "Bearer" }),
+    );
     Ok(Introspection::Answer(Value::Object(claims).to_string()))
 }
 
@@ -213,5 +216,46 @@ mod tests {
             introspect(&store, b"client_id=x", 10).unwrap(),
             Introspection::Invalid(RevocationError::MissingToken)
         );
+    }
+
+    #[test]
+    fn secret_hashes_are_hex_digits_only() {
+        // Noticed while fuzzing introspect: `u8::from_str_radix` also takes a sign, so "+a" pairs
+        // were accepted as hex.
+        let hash = "+a".repeat(32);
+        let json = format!(
+            r#"{{"token_paths": ["/t"], "introspection": {{"paths": ["/i"],
+            "clients": [{{"client_id": "rs", "client_secret_sha256": "{hash}"}}]}}}}"#
+        );
+        assert!(Config::from_json(json.as_bytes()).is_err());
+    }
+
+    /// Found by fuzz target introspect: a `token_type` claim in the payload was answered as is,
+    /// so a DPoP-bound token carrying `"token_type": "Bearer"` was announced as a bearer token.
+    #[test]
+    fn token_type_follows_the_binding_not_a_claim() {
+        let c = config();
+        let host = MemoryData::default();
+        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
+        let cases = [
+            (
+                r#"{"sub":"a","token_type":"Bearer","cnf":{"jkt":"k"}}"#,
+                "c2ln",
+                "DPoP",
+            ),
+            (r#"{"sub":"b","token_type":"DPoP"}"#, "c2lnMg", "Bearer"),
+        ];
+        for (payload, sig, want) in cases {
+            let hp = format!("eyJhbGciOiJFUzI1NiJ9.{}", URL_SAFE_NO_PAD.encode(payload));
+            put_token(&store, sig, hp.as_bytes(), 100);
+            let Introspection::Answer(json) =
+                introspect(&store, format!("token={sig}").as_bytes(), 10).unwrap()
+            else {
+                panic!("no answer for {payload}");
+            };
+            let answer: Value = serde_json::from_str(&json).unwrap();
+            assert_eq!(answer["active"], true, "{payload}");
+            assert_eq!(answer["token_type"], want, "{payload}");
+        }
     }
 }
