@@ -1,6 +1,6 @@
 //! `introspect`: RFC 7662 client authentication, and answers about stored tokens.
 
-use crate::support::{b64, signature_bytes, string, value, MemoryData};
+use crate::support::{b64, form_body, signature_bytes, string, value, MemoryData};
 use arbitrary::{Result, Unstructured};
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -597,23 +597,7 @@ fn structured_introspect(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let at = u.int_in_range(0..=params.len())?;
     params.insert(at, ("token".to_owned(), token));
-    let mut body = if u.arbitrary()? {
-        encode_form(&params)
-    } else {
-        params
-            .iter()
-            .map(|(n, v)| {
-                let plain = |s: &str| !s.contains(['&', '=', '%', '+']);
-                if plain(n) && plain(v) {
-                    format!("{}={}", n.replace(' ', "+"), v.replace(' ', "+"))
-                } else {
-                    String::from_utf8(encode_form(&[(n.clone(), v.clone())])).unwrap()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
-            .into_bytes()
-    };
+    let mut body = form_body(u, &params)?;
     match u.int_in_range(0..=7)? {
         0 => body.extend_from_slice(u.choose(&[&b"%"[..], b"%zz", b"&%FF", b"&&", b"&token"])?),
         1 => body.insert(0, b'&'),

@@ -1,6 +1,6 @@
 //! `revoke`: RFC 7009 form bodies, and revoking a stored token.
 
-use crate::support::{b64, MemoryData};
+use crate::support::{b64, form_body, MemoryData};
 use arbitrary::{Result, Unstructured};
 use split_token_core::revoke::{
     could_be_signature, encode_form, parse_form, revoke, Failure, RevocationError, RevocationPlan,
@@ -171,24 +171,7 @@ fn structured(u: &mut Unstructured<'_>) -> Result<()> {
     };
     let at = u.int_in_range(0..=params.len())?;
     params.insert(at, ("token".to_owned(), token));
-    let body = if u.arbitrary()? {
-        encode_form(&params)
-    } else {
-        // Spaces as '+', other characters as they are where that is unambiguous.
-        params
-            .iter()
-            .map(|(n, v)| {
-                let plain = |s: &str| !s.contains(['&', '=', '%', '+']);
-                if plain(n) && plain(v) {
-                    format!("{}={}", n.replace(' ', "+"), v.replace(' ', "+"))
-                } else {
-                    String::from_utf8(encode_form(&[(n.clone(), v.clone())])).unwrap()
-                }
-            })
-            .collect::<Vec<_>>()
-            .join("&")
-            .into_bytes()
-    };
+    let body = form_body(u, &params)?;
     assert_eq!(parse_form(&body), Ok(params), "the form did not parse back");
     check_revoke(&body);
     Ok(())

@@ -184,3 +184,25 @@ pub fn value(u: &mut Unstructured<'_>, depth: u32) -> Result<Value> {
         }
     })
 }
+
+/// A form body for `params`: fully encoded, or with spaces as '+' and other characters left as
+/// they are wherever that is unambiguous, as clients send them.
+pub fn form_body(u: &mut Unstructured<'_>, params: &[(String, String)]) -> Result<Vec<u8>> {
+    use split_token_core::revoke::encode_form;
+    if u.arbitrary()? {
+        return Ok(encode_form(params));
+    }
+    Ok(params
+        .iter()
+        .map(|(n, v)| {
+            let plain = |s: &str| !s.contains(['&', '=', '%', '+']);
+            if plain(n) && plain(v) {
+                format!("{}={}", n.replace(' ', "+"), v.replace(' ', "+"))
+            } else {
+                String::from_utf8(encode_form(&[(n.clone(), v.clone())])).unwrap()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+        .into_bytes())
+}

@@ -7,7 +7,7 @@
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::fmt;
 
 /// A dotted claim path, split at load.
@@ -142,22 +142,64 @@ pub struct Projection {
     pub unsafe_dropped: u32,
 }
 
-/// Decodes the payload segment of `header.payload` and renders every mapping. A payload that
-/// does not decode projects nothing (the stored token came from a verified or at least parsed
-/// JWS, so this is corruption, not input).
-pub fn project(header_payload: &[u8], mappings: &[ClaimHeader]) -> Projection {
-    let mut projection = Projection::default();
-    if mappings.is_empty() {
-        return projection;
-    }
+/// What a forwarded request needs from a stored token's payload, read in one decode.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Inspection {
+    pub projection: Projection,
+    /// The token carries `cnf.jkt` (RFC 9449): it must come with the `DPoP` scheme.
+    pub dpop_bound: bool,
+}
+
+/// Decodes the payload of `header.payload` once, renders every mapping and reads the DPoP
+/// binding. A payload that does not decode projects nothing and is not bound (the stored token
+/// came from a verified or at least parsed JWS, so this is corruption, not input). The JSON is
+/// parsed only when there are mappings or `cnf` can be in it.
+pub fn inspect(header_payload: &[u8], mappings: &[ClaimHeader]) -> Inspection {
     let Some(json) = decode_payload(header_payload) else {
-        return projection;
+        return Inspection::default();
     };
+    if mappings.is_empty() && !may_name_cnf(&json) {
+        return Inspection::default();
+    }
     let Ok(claims) = serde_json::from_slice::<Value>(&json) else {
-        return projection;
+        return Inspection::default();
     };
+    Inspection {
+        projection: project_claims(&claims, mappings),
+        dpop_bound: claims.as_object().is_some_and(is_bound),
+    }
+}
+
+/// The claim headers for one request; see [`inspect`].
+pub fn project(header_payload: &[u8], mappings: &[ClaimHeader]) -> Projection {
+    if mappings.is_empty() {
+        return Projection::default();
+    }
+    inspect(header_payload, mappings).projection
+}
+
+/// Whether a token is DPoP-bound: its payload has a `cnf.jkt` string (RFC 9449 §6.1).
+pub fn is_dpop_bound(header_payload: &[u8]) -> bool {
+    inspect(header_payload, &[]).dpop_bound
+}
+
+/// The payload of a `header.payload` as a JSON object, for introspection.
+pub(crate) fn payload_object(header_payload: &[u8]) -> Option<Map<String, Value>> {
+    serde_json::from_slice(&decode_payload(header_payload)?).ok()
+}
+
+/// Whether decoded claims bind the token to a DPoP key.
+pub(crate) fn is_bound(claims: &Map<String, Value>) -> bool {
+    claims
+        .get("cnf")
+        .and_then(|cnf| cnf.get("jkt"))
+        .is_some_and(Value::is_string)
+}
+
+fn project_claims(claims: &Value, mappings: &[ClaimHeader]) -> Projection {
+    let mut projection = Projection::default();
     for (i, mapping) in mappings.iter().enumerate() {
-        match mapping.claim.find(&claims).map_or(Rendered::Absent, render) {
+        match mapping.claim.find(claims).map_or(Rendered::Absent, render) {
             Rendered::Value(v) => projection.headers.push((i, v)),
             Rendered::Absent => {}
             Rendered::Unsafe => projection.unsafe_dropped += 1,
@@ -172,20 +214,10 @@ fn decode_payload(header_payload: &[u8]) -> Option<Vec<u8>> {
     URL_SAFE_NO_PAD.decode(header_payload.get(dot + 1..)?).ok()
 }
 
-/// Whether a token is DPoP-bound: its payload has a `cnf.jkt` string (RFC 9449 §6.1). Runs once
-/// per token per worker (the result is cached); the JSON is parsed only when `cnf` can be in it.
-pub fn is_dpop_bound(header_payload: &[u8]) -> bool {
-    let Some(json) = decode_payload(header_payload) else {
-        return false;
-    };
-    // `"cnf"` ends in `f"`, or in `\u0066"` when its last letter is escaped.
-    if !json.windows(2).any(|w| w == b"f\"") && !json.windows(7).any(|w| w == b"\\u0066\"") {
-        return false;
-    }
-    serde_json::from_slice::<Value>(&json)
-        .ok()
-        .and_then(|claims| claims.get("cnf")?.get("jkt")?.as_str().map(|_| ()))
-        .is_some()
+/// Whether decoded JSON can name `cnf`: `"cnf"` ends in `f"`, or in `\u0066"` when its last
+/// letter is escaped. Lets tokens without a binding skip the JSON parse.
+fn may_name_cnf(json: &[u8]) -> bool {
+    json.windows(2).any(|w| w == b"f\"") || json.windows(7).any(|w| w == b"\\u0066\"")
 }
 
 #[cfg(test)]

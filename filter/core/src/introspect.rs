@@ -11,9 +11,9 @@ use crate::config::IntrospectionConfig;
 use crate::revoke::{parse_form, percent_decode, RevocationError};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::Signature;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 /// The outcome of an introspection request.
@@ -117,16 +117,10 @@ pub fn introspect<H: SharedData>(
     else {
         return Ok(inactive());
     };
-    let claims = header_payload
-        .iter()
-        .position(|&b| b == b'.')
-        .and_then(|dot| header_payload.get(dot + 1..))
-        .and_then(|payload| URL_SAFE_NO_PAD.decode(payload).ok())
-        .and_then(|json| serde_json::from_slice::<Map<String, Value>>(&json).ok());
-    let Some(mut claims) = claims else {
+    let Some(mut claims) = crate::claims::payload_object(header_payload) else {
         return Ok(inactive());
     };
-    let bound = crate::claims::is_dpop_bound(header_payload);
+    let bound = crate::claims::is_bound(&claims);
     claims.insert("active".into(), Value::Bool(true));
     // The gateway may honour the token for less than its `exp` (max_ttl_seconds, expires_in):
     // a resource server must not cache "active" beyond that.
@@ -149,6 +143,7 @@ mod tests {
     use crate::config::Config;
     use crate::store::tests::{put_token, MemoryData};
     use crate::token::tests::JWT;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
     const SECRET_SHA256: &str = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"; // "secret"
 

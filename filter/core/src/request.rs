@@ -212,8 +212,10 @@ pub(crate) fn lookup<H: SharedData>(
     let Ok(hp) = std::str::from_utf8(header_payload) else {
         return Ok(Verdict::Reject(Rejection::Unknown));
     };
-    let projection = crate::claims::project(header_payload, &config.claims_to_headers);
-    let dpop_bound = crate::claims::is_dpop_bound(header_payload);
+    let crate::claims::Inspection {
+        projection,
+        dpop_bound,
+    } = crate::claims::inspect(header_payload, &config.claims_to_headers);
     // A DPoP-bound token is only ever forwarded under the scheme it must be presented with.
     let scheme = if dpop_bound { "DPoP " } else { "Bearer " };
     let authorization = config.forward_jwt.then(|| {

@@ -39,11 +39,16 @@ fn log(level: LogLevel, message: &str) {
 }
 
 /// Seconds since the Unix epoch by the host's clock.
-fn now() -> u64 {
+/// Time since the Unix epoch by the host's clock (zero if it cannot be read).
+fn clock() -> Duration {
     hostcalls::get_current_time()
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn now() -> u64 {
+    clock().as_secs()
 }
 
 /// Starts one GET of a key fetch through the configured cluster.
@@ -229,12 +234,8 @@ impl RootContext for SplitTokenRoot {
                     config.store_slots,
                     config.slot_capacity,
                 );
-                let seed = hostcalls::get_current_time()
-                    .ok()
-                    .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_nanos() as u64);
                 match store.initialize().and_then(|created| {
-                    store.seed_epoch(seed)?;
+                    store.seed_epoch(clock().as_nanos() as u64)?;
                     Ok(created)
                 }) {
                     Ok(0) => {}
@@ -454,22 +455,8 @@ impl SplitTokenHttp {
                 self.state = State::TokenEndpoint;
                 Action::Continue
             }
-            Route::Revocation | Route::Introspection => {
-                // RFC 7009 and 7662 endpoints take POST only.
-                if self.request_header(":method").as_deref() != Some(b"POST") {
-                    self.state = State::Done;
-                    let not_post = Failure::Request(RevocationError::NotPost);
-                    self.send(&revocation_failure(&not_post));
-                    return Action::Pause;
-                }
-                // Held until the body says which token; a revocation body may be rewritten.
-                self.state = if self.config.route(path) == Route::Revocation {
-                    State::Revocation
-                } else {
-                    State::Introspection
-                };
-                Action::Pause
-            }
+            Route::Revocation => self.hold_body(State::Revocation),
+            Route::Introspection => self.hold_body(State::Introspection),
             Route::Public => {
                 self.state = State::Done;
                 Action::Continue
@@ -479,13 +466,30 @@ impl SplitTokenHttp {
         }
     }
 
+    /// Holds a revocation or introspection request until its body says which token (a
+    /// revocation body may be rewritten). RFC 7009 and 7662 endpoints take POST only.
+    fn hold_body(&mut self, state: State) -> Action {
+        if self.request_header(":method").as_deref() != Some(b"POST") {
+            self.state = State::Done;
+            let not_post = Failure::Request(RevocationError::NotPost);
+            self.send(&revocation_failure(&not_post));
+            return Action::Pause;
+        }
+        self.state = state;
+        Action::Pause
+    }
+
+    fn request_body(&self, body_size: usize) -> Vec<u8> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
     /// A whole revocation body (or none): decide, revoke, and forward or answer.
     fn finish_revocation(&mut self, body_size: usize) -> Action {
         self.state = State::Done;
-        let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+        let body = self.request_body(body_size);
         let plan = match revoke::revoke(&self.store(), &body, now()) {
             Ok(plan) => plan,
             Err(failure) => {
@@ -542,10 +546,7 @@ impl SplitTokenHttp {
         };
         let authorization = self.request_header("authorization");
         let outcome = if authenticate(clients, authorization.as_deref()) {
-            let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, body_size)
-                .ok()
-                .flatten()
-                .unwrap_or_default();
+            let body = self.request_body(body_size);
             match introspect(&self.store(), &body, now()) {
                 Ok(outcome) => outcome,
                 Err(e) => {
