@@ -93,7 +93,7 @@ fn check_revoke(body: &[u8]) {
             }
         }
         Err(Failure::Store(e)) => panic!("store failed: {e:?}"),
-        Ok(RevocationPlan::Revoked { body: out }) => {
+        Ok(RevocationPlan::Revoked { body: out, .. }) => {
             let token = token.as_deref().expect("revoked without one token");
             assert!(names_stored(token), "revoked another token");
             assert!(!stored(), "a revoked token is still found");

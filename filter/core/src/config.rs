@@ -69,6 +69,24 @@ struct RawConfig {
     local_cache_entries: usize,
     #[serde(default = "defaults::recompute_route")]
     recompute_route: bool,
+    #[serde(default)]
+    etcd: Option<RawEtcd>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEtcd {
+    cluster: String,
+    #[serde(default)]
+    authority: Option<String>,
+    #[serde(default = "defaults::etcd_key_prefix")]
+    key_prefix: String,
+    #[serde(default = "defaults::etcd_timeout_ms")]
+    timeout_ms: u64,
+    #[serde(default = "defaults::etcd_poll_ms")]
+    poll_ms: u64,
+    #[serde(default = "defaults::etcd_lease_bucket_seconds")]
+    lease_bucket_seconds: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -167,6 +185,18 @@ mod defaults {
     pub fn leeway_seconds() -> u64 {
         60
     }
+    pub fn etcd_key_prefix() -> String {
+        "split-token/".to_owned()
+    }
+    pub fn etcd_timeout_ms() -> u64 {
+        1_000
+    }
+    pub fn etcd_poll_ms() -> u64 {
+        500
+    }
+    pub fn etcd_lease_bucket_seconds() -> u64 {
+        60
+    }
 }
 
 /// Where verification keys come from.
@@ -200,6 +230,23 @@ pub struct IntrospectionConfig {
     pub paths: Vec<String>,
     /// `(client_id, SHA-256 of the client secret)` of each allowed caller.
     pub clients: Vec<(String, [u8; 32])>,
+}
+
+/// The validated `etcd` block: the tier that shares tokens and revocations between replicas.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// The Envoy cluster of etcd's v3 JSON gateway.
+    pub cluster: String,
+    /// `:authority` of the calls.
+    pub authority: String,
+    /// Prefix of every etcd key the filter writes.
+    pub key_prefix: String,
+    /// Timeout of each call.
+    pub timeout_ms: u64,
+    /// How often each worker asks for new revocations.
+    pub poll_ms: u64,
+    /// Width of the expiry buckets that share one lease.
+    pub lease_bucket_seconds: u64,
 }
 
 /// A validated filter configuration.
@@ -251,6 +298,8 @@ pub struct Config {
     pub local_cache_entries: usize,
     /// Have Envoy recompute the route after identity headers changed (when claims are mapped).
     pub recompute_route: bool,
+    /// Tokens and revocations shared with other replicas through etcd, when configured.
+    pub etcd: Option<EtcdConfig>,
 }
 
 /// Why a configuration was refused. Each variant names the field at fault.
@@ -316,7 +365,7 @@ fn array_for_object(config: &serde_json::Value) -> Option<ConfigError> {
             message: "expected a JSON object, not an array".to_owned(),
         });
     }
-    for field in ["verify", "introspection"] {
+    for field in ["verify", "introspection", "etcd"] {
         if config.get(field).is_some_and(Value::is_array) {
             return array(field.to_owned());
         }
@@ -381,24 +430,13 @@ fn introspection_config(raw: RawIntrospection) -> Result<IntrospectionConfig, Co
                 "must be non-empty and contain no ':'",
             ));
         }
-        let hex = c.client_secret_sha256.as_bytes();
-        let mut digest = [0u8; 32];
-        let valid = hex.len() == 64
-            && hex.iter().all(u8::is_ascii_hexdigit)
-            && digest.iter_mut().zip(hex.chunks(2)).all(|(out, pair)| {
-                std::str::from_utf8(pair)
-                    .ok()
-                    .and_then(|p| u8::from_str_radix(p, 16).ok())
-                    .map(|b| *out = b)
-                    .is_some()
-            });
-        if !valid {
+        let Some(digest) = crate::token::StoreKey::from_hex(&c.client_secret_sha256) else {
             return Err(invalid(
                 format!("introspection.clients[{i}].client_secret_sha256"),
                 "must be the SHA-256 of the secret as 64 hex digits (sha256sum prints it)",
             ));
-        }
-        clients.push((c.client_id, digest));
+        };
+        clients.push((c.client_id, digest.0));
     }
     Ok(IntrospectionConfig {
         paths: raw.paths,
@@ -525,6 +563,7 @@ impl TryFrom<RawConfig> for Config {
             ));
         }
         let introspection = raw.introspection.map(introspection_config).transpose()?;
+        let etcd = raw.etcd.map(etcd_config).transpose()?;
         let verify = raw.verify.map(verify_config).transpose()?;
         let claims_to_headers = claim_headers(raw.claims_to_headers)?;
         let challenge = format!("Bearer realm=\"{}\"", raw.realm);
@@ -550,6 +589,7 @@ impl TryFrom<RawConfig> for Config {
             revocation_paths: raw.revocation_paths,
             logout_paths: raw.logout_paths,
             introspection,
+            etcd,
             public_prefixes: raw.public_prefixes,
             full_jwt: raw.full_jwt,
             strip_response_fields: raw.strip_response_fields,
@@ -592,6 +632,51 @@ fn claim_headers(raw: Vec<RawClaimHeader>) -> Result<Vec<ClaimHeader>, ConfigErr
         out.push(ClaimHeader { claim, header });
     }
     Ok(out)
+}
+
+fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
+    if raw.cluster.is_empty() {
+        return Err(invalid("etcd.cluster", "must not be empty"));
+    }
+    let authority = raw.authority.unwrap_or_else(|| raw.cluster.clone());
+    if authority.is_empty() || authority.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(invalid(
+            "etcd.authority",
+            format!("{authority:?} must be a host name without spaces or control characters"),
+        ));
+    }
+    if raw.key_prefix.is_empty() || raw.key_prefix.len() > 256 {
+        return Err(invalid("etcd.key_prefix", "must be 1 to 256 characters"));
+    }
+    if !(50..=60_000).contains(&raw.timeout_ms) {
+        return Err(invalid(
+            "etcd.timeout_ms",
+            format!("must be between 50 and 60000, got {}", raw.timeout_ms),
+        ));
+    }
+    if !(100..=60_000).contains(&raw.poll_ms) {
+        return Err(invalid(
+            "etcd.poll_ms",
+            format!("must be between 100 and 60000, got {}", raw.poll_ms),
+        ));
+    }
+    if !(1..=3_600).contains(&raw.lease_bucket_seconds) {
+        return Err(invalid(
+            "etcd.lease_bucket_seconds",
+            format!(
+                "must be between 1 and 3600, got {}",
+                raw.lease_bucket_seconds
+            ),
+        ));
+    }
+    Ok(EtcdConfig {
+        cluster: raw.cluster,
+        authority,
+        key_prefix: raw.key_prefix,
+        timeout_ms: raw.timeout_ms,
+        poll_ms: raw.poll_ms,
+        lease_bucket_seconds: raw.lease_bucket_seconds,
+    })
 }
 
 fn verify_config(raw: RawVerify) -> Result<VerifyConfig, ConfigError> {
@@ -720,9 +805,10 @@ pub enum Route {
 }
 
 impl Config {
-    /// Whether tokens can be revoked, so workers must watch the revocation epoch.
+    /// Whether tokens can be revoked, so workers must watch the revocation epoch. With etcd,
+    /// another replica may revoke any token.
     pub fn revocation_enabled(&self) -> bool {
-        !self.revocation_paths.is_empty() || !self.logout_paths.is_empty()
+        !self.revocation_paths.is_empty() || !self.logout_paths.is_empty() || self.etcd.is_some()
     }
 
     /// Classifies a request by its `:path` (query string and fragment ignored).
@@ -883,6 +969,7 @@ mod tests {
                 "claims_to_headers[0]",
             ),
             (r#""introspection": [["/i"], []]"#, "introspection"),
+            (r#""etcd": ["etcd"]"#, "etcd"),
             (
                 r#""introspection": {"paths": ["/i"], "clients": [["c", "00"]]}"#,
                 "introspection.clients[0]",
@@ -892,6 +979,44 @@ mod tests {
             let err = parse(&format!(r#"{{"token_paths": ["/t"], {member}}}"#)).unwrap_err();
             assert_eq!(field_of(err), field, "{member}");
         }
+    }
+
+    #[test]
+    fn parse_etcd_defaults_and_limits() {
+        let c = parse(r#"{"token_paths": ["/a"], "etcd": {"cluster": "etcd"}}"#).unwrap();
+        let etcd = c.etcd.as_ref().unwrap();
+        assert_eq!(
+            (
+                etcd.authority.as_str(),
+                etcd.key_prefix.as_str(),
+                etcd.timeout_ms,
+                etcd.poll_ms,
+                etcd.lease_bucket_seconds
+            ),
+            ("etcd", "split-token/", 1_000, 500, 60)
+        );
+        // Another replica may revoke any token, so caches must watch the epoch.
+        assert!(c.revocation_enabled());
+        assert!(!parse(r#"{"token_paths": ["/a"]}"#)
+            .unwrap()
+            .revocation_enabled());
+        let cases = [
+            (r#"{"cluster": ""}"#, "etcd.cluster"),
+            (r#"{"cluster": "e", "authority": "a b"}"#, "etcd.authority"),
+            (r#"{"cluster": "e", "key_prefix": ""}"#, "etcd.key_prefix"),
+            (r#"{"cluster": "e", "timeout_ms": 10}"#, "etcd.timeout_ms"),
+            (r#"{"cluster": "e", "poll_ms": 60001}"#, "etcd.poll_ms"),
+            (
+                r#"{"cluster": "e", "lease_bucket_seconds": 0}"#,
+                "etcd.lease_bucket_seconds",
+            ),
+        ];
+        for (etcd, field) in cases {
+            let err = parse(&format!(r#"{{"token_paths": ["/a"], "etcd": {etcd}}}"#)).unwrap_err();
+            assert_eq!(field_of(err), field, "{etcd}");
+        }
+        let err = parse(r#"{"token_paths": ["/a"], "etcd": {}}"#).unwrap_err();
+        assert!(err.to_string().contains("cluster"), "{err}");
     }
 
     #[test]

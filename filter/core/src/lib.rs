@@ -26,6 +26,7 @@
 pub mod cache;
 pub mod claims;
 pub mod config;
+pub mod etcd;
 pub mod introspect;
 pub mod keys;
 pub mod reply;

@@ -155,6 +155,18 @@ pub fn revocation_failure(failure: &crate::revoke::Failure) -> LocalReply<'stati
     }
 }
 
+/// The 503 when etcd, the store every replica shares, cannot be reached: the client may retry.
+pub fn shared_store_unavailable() -> LocalReply<'static> {
+    LocalReply {
+        status: 503,
+        www_authenticate: None,
+        body: json(
+            Some("temporarily_unavailable"),
+            "the token store shared by the gateway's replicas is unreachable",
+        ),
+    }
+}
+
 /// The answer to an introspection request (RFC 7662).
 pub fn introspection_reply<'c>(
     config: &'c Config,
@@ -192,15 +204,22 @@ pub enum IssueFailure<'a> {
     Verify(&'a VerifyError),
     /// No keys could be loaded to verify it.
     Keys(&'a FetchError),
+    /// The token could not be written to etcd, so other replicas would not know it.
+    Etcd(&'a crate::etcd::EtcdError),
 }
 
-/// The 502 a client gets instead of a token the gateway could not split or store.
+/// The 502 a client gets instead of a token the gateway could not split or store, or the 503
+/// when the shared store (etcd) is unreachable and a retry may work.
 pub fn issue_failure(failure: IssueFailure<'_>) -> LocalReply<'static> {
+    if let IssueFailure::Etcd(_) = failure {
+        return shared_store_unavailable();
+    }
     let description = match failure {
         IssueFailure::Split(e) => format!("the gateway could not split the token response: {e}"),
         IssueFailure::Store(_) => "the gateway could not store the token".to_owned(),
         IssueFailure::Verify(e) => format!("the issued token failed verification: {e}"),
         IssueFailure::Keys(_) => "the gateway could not load the signing keys".to_owned(),
+        IssueFailure::Etcd(_) => String::new(),
     };
     LocalReply {
         status: 502,
@@ -249,6 +268,19 @@ mod tests {
         }
         let r = Rejection::StoreUnavailable.reply(&c);
         assert_eq!((r.status, r.www_authenticate), (503, None));
+    }
+
+    #[test]
+    fn an_unreachable_etcd_is_a_503_the_client_may_retry() {
+        let e = crate::etcd::EtcdError::NoAnswer { call: "put" };
+        for r in [
+            issue_failure(IssueFailure::Etcd(&e)),
+            shared_store_unavailable(),
+        ] {
+            assert_eq!((r.status, r.www_authenticate), (503, None));
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(body["error"], "temporarily_unavailable");
+        }
     }
 
     #[test]

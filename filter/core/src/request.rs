@@ -61,6 +61,14 @@ pub fn parse_authorization(value: Option<&[u8]>) -> Credentials<'_> {
     }
 }
 
+/// The store key of the signature an `Authorization` value presents, under either scheme.
+pub fn presented_key(authorization: Option<&[u8]>) -> Option<crate::token::StoreKey> {
+    match parse_authorization(authorization) {
+        Credentials::Signature(s) | Credentials::Dpop(s) => Some(s.store_key()),
+        _ => None,
+    }
+}
+
 /// Whether a `DPoP` request header holds one proof JWT (RFC 9449 §4.2). Its signature, key and
 /// claims are for the upstream to check; the gateway only makes sure one is there.
 pub fn has_dpop_proof(value: Option<&[u8]>) -> bool {

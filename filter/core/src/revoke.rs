@@ -16,9 +16,9 @@
 
 use crate::cache::LocalCache;
 use crate::config::Config;
-use crate::request::{authorize, parse_authorization, Credentials, Rejection, Verdict};
+use crate::request::{authorize, presented_key, Rejection, Verdict};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
-use crate::token::Signature;
+use crate::token::{Signature, StoreKey};
 use std::fmt;
 
 /// Largest revocation body read; RFC 7009 requests are a few hundred bytes.
@@ -63,8 +63,13 @@ impl std::error::Error for RevocationError {}
 /// What to do with a revocation request.
 #[derive(Clone, PartialEq, Eq)]
 pub enum RevocationPlan {
-    /// Revoked here (store entry removed, epoch moved); forward this body to the IdP.
-    Revoked { body: Vec<u8> },
+    /// Revoked here (store entry removed, epoch moved); forward this body to the IdP. `key` and
+    /// `expires_at` are the token's, for the etcd tier.
+    Revoked {
+        body: Vec<u8>,
+        key: StoreKey,
+        expires_at: u64,
+    },
     /// Not an access token of this gateway: forward the request unchanged.
     ForwardUnchanged,
     /// Unknown or expired signature: answer 200 here and forward nothing.
@@ -75,7 +80,13 @@ pub enum RevocationPlan {
 impl fmt::Debug for RevocationPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Revoked { body } => write!(f, "Revoked(<{} bytes>)", body.len()),
+            Self::Revoked {
+                body, expires_at, ..
+            } => write!(
+                f,
+                "Revoked(<{} bytes>, expires_at {expires_at})",
+                body.len()
+            ),
             Self::ForwardUnchanged => f.write_str("ForwardUnchanged"),
             Self::AnswerLocally => f.write_str("AnswerLocally"),
         }
@@ -207,15 +218,18 @@ pub fn revoke<H: SharedData>(
             let key = signature.store_key();
             let slot = store.fetch_slot(&key).map_err(Failure::Store)?;
             match find(&slot, &key, now) {
-                Ok(Lookup::Hit { header_payload, .. }) => std::str::from_utf8(header_payload)
+                Ok(Lookup::Hit {
+                    header_payload,
+                    expires_at,
+                }) => std::str::from_utf8(header_payload)
                     .ok()
-                    .map(|hp| (key, format!("{hp}.{}", signature.as_str()))),
+                    .map(|hp| (key, expires_at, format!("{hp}.{}", signature.as_str()))),
                 Ok(Lookup::Expired | Lookup::Miss) | Err(_) => None,
             }
         }
         None => None,
     };
-    let Some((key, jwt)) = stored else {
+    let Some((key, expires_at, jwt)) = stored else {
         let refresh = hint.as_deref() == Some("refresh_token");
         return Ok(if refresh || full_jwt || !could_be_signature(token) {
             RevocationPlan::ForwardUnchanged
@@ -229,7 +243,35 @@ pub fn revoke<H: SharedData>(
     }
     Ok(RevocationPlan::Revoked {
         body: encode_form(&pairs),
+        key,
+        expires_at,
     })
+}
+
+/// The key a revocation request names when this replica does not hold it, for a look in etcd:
+/// the token's signature (or a full JWT's signature segment) when it has a signature's shape
+/// and is not hinted to be a refresh token.
+pub fn remote_candidate(body: &[u8]) -> Option<StoreKey> {
+    let pairs = parse_form(body).ok()?;
+    let value = |name: &str| {
+        let mut found = pairs.iter().filter(|(n, _)| n == name);
+        match (found.next(), found.next()) {
+            (Some((_, v)), None) => Some(v.as_str()),
+            _ => None,
+        }
+    };
+    if value("token_type_hint") == Some("refresh_token") {
+        return None;
+    }
+    let token = value("token")?;
+    let signature = match token.matches('.').count() {
+        0 => token,
+        2 => token.rsplit_once('.').map_or("", |(_, sig)| sig),
+        _ => return None,
+    };
+    could_be_signature(signature)
+        .then(|| Signature::parse(signature.as_bytes()).map(|s| s.store_key()))
+        .flatten()
 }
 
 /// Why a lifecycle call could not be handled.
@@ -264,12 +306,8 @@ pub fn logout<H: SharedData>(
     now: u64,
 ) -> Result<Verdict, (Rejection, StoreError)> {
     let verdict = authorize(config, store, cache, authorization, dpop_proof, now)?;
-    if let Verdict::Forward(_) = verdict {
-        let signature = match parse_authorization(authorization) {
-            Credentials::Signature(s) | Credentials::Dpop(s) => s,
-            _ => return Ok(verdict),
-        };
-        if let Err(Failure::Store(e)) = forget(store, &signature.store_key()) {
+    if let (Verdict::Forward(_), Some(key)) = (&verdict, presented_key(authorization)) {
+        if let Err(Failure::Store(e)) = forget(store, &key) {
             return Err((Rejection::StoreUnavailable, e));
         }
     }
@@ -340,9 +378,16 @@ mod tests {
         let epoch = store.epoch().unwrap();
         let body = format!("token={sig}&token_type_hint=access_token&client_id=app");
         let plan = revoke(&store, body.as_bytes(), 10).unwrap();
-        let RevocationPlan::Revoked { body } = plan else {
+        let RevocationPlan::Revoked {
+            body,
+            key,
+            expires_at,
+        } = plan
+        else {
             panic!("{plan:?}")
         };
+        assert_eq!(key, Signature::parse(sig.as_bytes()).unwrap().store_key());
+        assert_eq!(expires_at, 100);
         let pairs = parse_form(&body).unwrap();
         assert_eq!(pairs[0], ("token".into(), jwt()));
         assert_eq!(pairs[2], ("client_id".into(), "app".into()));
@@ -350,6 +395,24 @@ mod tests {
         // Gone: a second revocation is answered locally, like any unknown signature.
         let again = revoke(&store, format!("token={sig}").as_bytes(), 10).unwrap();
         assert_eq!(again, RevocationPlan::AnswerLocally);
+    }
+
+    #[test]
+    fn etcd_is_asked_about_signatures_and_full_jwts_only() {
+        let key = Some(Signature::parse(SIG.as_bytes()).unwrap().store_key());
+        let cases: [(String, Option<StoreKey>); 8] = [
+            (format!("token={SIG}"), key),
+            (format!("token={}", jwt()), key),
+            (format!("token={SIG}&token_type_hint=access_token"), key),
+            (format!("token={SIG}&token_type_hint=refresh_token"), None),
+            ("token=0b5c1e8e-2f5e-4c1a-9d8e-3b1f2a4c5d6e".into(), None),
+            (format!("token={SIG}&token={SIG}"), None),
+            (format!("token=a.{SIG}"), None),
+            ("token=%zz".into(), None),
+        ];
+        for (body, want) in cases {
+            assert_eq!(remote_candidate(body.as_bytes()), want, "{body}");
+        }
     }
 
     #[test]
@@ -401,7 +464,8 @@ mod tests {
         ));
         put_jwt(&store);
         let full = format!("token={}", jwt());
-        let RevocationPlan::Revoked { body } = revoke(&store, full.as_bytes(), 10).unwrap() else {
+        let RevocationPlan::Revoked { body, .. } = revoke(&store, full.as_bytes(), 10).unwrap()
+        else {
             panic!("a stored full JWT is revoked")
         };
         assert_eq!(parse_form(&body).unwrap()[0].1, jwt());

@@ -33,11 +33,17 @@ pub enum Counter {
     IntrospectionsActive,
     IntrospectionsInactive,
     IntrospectionsRefused,
+    EtcdPublished,
+    EtcdFetched,
+    EtcdNotFound,
+    EtcdRevocationsPublished,
+    EtcdRevocationsApplied,
+    EtcdFailures,
 }
 
 impl Counter {
     /// Every counter, in the order their metric ids are defined.
-    pub const ALL: [Counter; 30] = [
+    pub const ALL: [Counter; 36] = [
         Counter::TokensSplit,
         Counter::SplitFailures,
         Counter::TokenErrorsPassedThrough,
@@ -68,6 +74,12 @@ impl Counter {
         Counter::IntrospectionsActive,
         Counter::IntrospectionsInactive,
         Counter::IntrospectionsRefused,
+        Counter::EtcdPublished,
+        Counter::EtcdFetched,
+        Counter::EtcdNotFound,
+        Counter::EtcdRevocationsPublished,
+        Counter::EtcdRevocationsApplied,
+        Counter::EtcdFailures,
     ];
 
     /// The metric name as defined with the host.
@@ -103,6 +115,12 @@ impl Counter {
             Self::IntrospectionsActive => "split_token.introspections.active",
             Self::IntrospectionsInactive => "split_token.introspections.inactive",
             Self::IntrospectionsRefused => "split_token.introspections.refused",
+            Self::EtcdPublished => "split_token.etcd.published",
+            Self::EtcdFetched => "split_token.etcd.fetched",
+            Self::EtcdNotFound => "split_token.etcd.not_found",
+            Self::EtcdRevocationsPublished => "split_token.etcd.revocations_published",
+            Self::EtcdRevocationsApplied => "split_token.etcd.revocations_applied",
+            Self::EtcdFailures => "split_token.etcd.failures",
         }
     }
 

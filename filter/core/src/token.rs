@@ -98,6 +98,29 @@ impl StoreKey {
         head.copy_from_slice(&self.0[..8]);
         (u64::from_be_bytes(head) % u64::from(slots.max(1))) as u32
     }
+
+    /// Lowercase hex, as `sha256sum` prints it: the key's name outside shared data (etcd).
+    pub fn to_hex(&self) -> String {
+        use fmt::Write;
+        let mut out = String::with_capacity(64);
+        for b in self.0 {
+            let _ = write!(out, "{b:02x}");
+        }
+        out
+    }
+
+    /// Parses 64 hex digits (either case); anything else is `None`.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let hex = text.as_bytes();
+        if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
+        let mut digest = [0u8; 32];
+        for (out, pair) in digest.iter_mut().zip(hex.chunks(2)) {
+            *out = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+        }
+        Some(Self(digest))
+    }
 }
 
 #[derive(Deserialize)]

@@ -9,20 +9,22 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use split_token_core::cache::LocalCache;
-use split_token_core::config::{KeySource, VerifyConfig};
+use split_token_core::config::{EtcdConfig, KeySource, VerifyConfig};
+use split_token_core::etcd::{self, EtcdError, Leases, RecentRevocations};
 use split_token_core::introspect::{authenticate, introspect, Introspection};
 use split_token_core::keys::{
     first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
 };
 use split_token_core::reply::{
-    introspection_reply, issue_failure, revocation_done, revocation_failure, IssueFailure,
-    LocalReply,
+    introspection_reply, issue_failure, revocation_done, revocation_failure,
+    shared_store_unavailable, IssueFailure, LocalReply,
 };
-use split_token_core::request::{authorize, Rejection, Verdict};
+use split_token_core::request::{authorize, presented_key, Rejection, Verdict};
 use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use split_token_core::revoke::{self, Failure, RevocationError, RevocationPlan};
 use split_token_core::stats::Counter;
 use split_token_core::store::{HostStatus, SetError, SharedData, Store, StoreError};
+use split_token_core::token::StoreKey;
 use split_token_core::verify::{verify, VerifyError};
 use split_token_core::{Config, Route};
 use std::cell::RefCell;
@@ -73,8 +75,8 @@ fn dispatch_key_request(verify: &VerifyConfig, request: &KeyRequest) -> Result<u
     )
 }
 
-/// Reads a finished key fetch's answer and interprets it.
-fn key_response(request: &KeyRequest, num_headers: usize, body_size: usize) -> Outcome {
+/// A finished call's `:status` (`None` when no answer came) and body.
+fn call_answer(num_headers: usize, body_size: usize) -> (Option<Vec<u8>>, Vec<u8>) {
     let status = if num_headers == 0 {
         None
     } else {
@@ -86,7 +88,30 @@ fn key_response(request: &KeyRequest, num_headers: usize, body_size: usize) -> O
         .ok()
         .flatten()
         .unwrap_or_default();
+    (status, body)
+}
+
+/// Reads a finished key fetch's answer and interprets it.
+fn key_response(request: &KeyRequest, num_headers: usize, body_size: usize) -> Outcome {
+    let (status, body) = call_answer(num_headers, body_size);
     on_response(request, status.as_deref(), &body)
+}
+
+/// Starts one call to etcd's JSON gateway. A call that cannot start counts as unanswered.
+fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdError> {
+    hostcalls::dispatch_http_call(
+        &config.cluster,
+        vec![
+            (":method", "POST"),
+            (":path", call.path),
+            (":authority", &config.authority),
+            ("content-type", "application/json"),
+        ],
+        Some(&call.body),
+        vec![],
+        Duration::from_millis(config.timeout_ms),
+    )
+    .map_err(|_| EtcdError::NoAnswer { call: call.path })
 }
 
 /// Envoy shared data behind the core's store trait.
@@ -146,6 +171,15 @@ struct SplitTokenRoot {
     cache: Rc<RefCell<LocalCache>>,
     /// The periodic key fetch under way: its call token and request.
     periodic: Option<(u32, KeyRequest)>,
+    /// This worker's etcd leases, shared with its HTTP contexts.
+    leases: Rc<RefCell<Leases>>,
+    /// Revocations this worker polled lately, shared with its HTTP contexts.
+    recent: Rc<RefCell<RecentRevocations>>,
+    /// The revocation poll: the call under way, where the next one starts, when the last began.
+    poll: Option<u32>,
+    next_revision: u64,
+    last_poll: Duration,
+    poll_failing: bool,
 }
 
 impl SplitTokenRoot {
@@ -175,6 +209,80 @@ impl SplitTokenRoot {
     }
 }
 
+impl SplitTokenRoot {
+    fn etcd_config(&self) -> Option<&EtcdConfig> {
+        self.config.as_deref().and_then(|c| c.etcd.as_ref())
+    }
+
+    /// Asks etcd for revocation markers newer than the last this worker saw.
+    fn start_poll(&mut self) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let Some(etcd_config) = config.etcd.as_ref() else {
+            return;
+        };
+        self.last_poll = clock();
+        let call = etcd::poll(&etcd_config.key_prefix, self.next_revision);
+        match dispatch_etcd(etcd_config, &call) {
+            Ok(token) => self.poll = Some(token),
+            Err(e) => self.poll_failed(&e),
+        }
+    }
+
+    fn poll_failed(&mut self, e: &EtcdError) {
+        self.metrics.bump(Counter::EtcdFailures);
+        if !self.poll_failing {
+            // Once per outage: a poll runs every `poll_ms` on every worker.
+            log(LogLevel::Warn, &format!("revocation poll failed: {e}"));
+        }
+        self.poll_failing = true;
+    }
+
+    /// Applies polled revocations here; polls again at once when etcd has more.
+    fn on_poll_answer(&mut self, num_headers: usize, body_size: usize) {
+        let Some(config) = self.config.clone() else {
+            return;
+        };
+        let Some(etcd_config) = config.etcd.as_ref() else {
+            return;
+        };
+        let (status, body) = call_answer(num_headers, body_size);
+        let markers = match etcd::parse_poll(
+            &etcd_config.key_prefix,
+            self.next_revision,
+            status.as_deref(),
+            &body,
+        ) {
+            Ok(markers) => markers,
+            Err(e) => return self.poll_failed(&e),
+        };
+        if self.poll_failing {
+            log(LogLevel::Info, "revocation poll works again");
+            self.poll_failing = false;
+        }
+        let store = Store::new(
+            &EnvoySharedData,
+            &config.store_prefix,
+            config.store_slots,
+            config.slot_capacity,
+        );
+        let applied =
+            etcd::apply_markers(&store, &markers.keys, &mut self.recent.borrow_mut(), now());
+        match applied {
+            Ok(removed) => {
+                self.metrics.add(Counter::EtcdRevocationsApplied, removed);
+                self.next_revision = markers.next_revision;
+                if markers.more {
+                    self.start_poll();
+                }
+            }
+            // The revision stays: the next poll brings these markers again.
+            Err(e) => log(LogLevel::Error, &format!("cannot apply revocations: {e}")),
+        }
+    }
+}
+
 impl Context for SplitTokenRoot {
     fn on_http_call_response(
         &mut self,
@@ -183,6 +291,11 @@ impl Context for SplitTokenRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
+        if self.poll == Some(token_id) {
+            self.poll = None;
+            self.on_poll_answer(num_headers, body_size);
+            return;
+        }
         let Some((token, request)) = self.periodic.take() else {
             return;
         };
@@ -248,13 +361,27 @@ impl RootContext for SplitTokenRoot {
                         return false;
                     }
                 }
+                let mut tick = None;
                 if let Some(verify) = &config.verify {
                     self.keys = Rc::new(RefCell::new(KeyState::new(verify)));
                     self.periodic = None;
                     if matches!(verify.source, KeySource::Remote { .. }) {
                         // The first tick fetches the keys; later ticks refresh them when due.
-                        let _ = hostcalls::set_tick_period(Duration::from_secs(1));
+                        tick = Some(Duration::from_secs(1));
                     }
+                }
+                if let Some(etcd_config) = &config.etcd {
+                    self.leases =
+                        Rc::new(RefCell::new(Leases::new(etcd_config.lease_bucket_seconds)));
+                    // From revision 0: every live marker, so a new or reloaded VM misses none.
+                    self.poll = None;
+                    self.next_revision = 0;
+                    self.last_poll = Duration::ZERO;
+                    let poll = Duration::from_millis(etcd_config.poll_ms);
+                    tick = Some(tick.map_or(poll, |t: Duration| t.min(poll)));
+                }
+                if let Some(period) = tick {
+                    let _ = hostcalls::set_tick_period(period);
                 }
                 log(
                     LogLevel::Info,
@@ -276,6 +403,15 @@ impl RootContext for SplitTokenRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Some(etcd_config) = self.etcd_config() {
+            // Ticks come every `poll_ms` (or sooner) with some jitter: a quarter of slack keeps
+            // a late poll from waiting a whole extra tick.
+            let due = clock().saturating_sub(self.last_poll)
+                >= Duration::from_millis(etcd_config.poll_ms * 3 / 4);
+            if self.poll.is_none() && due {
+                self.start_poll();
+            }
+        }
         let Some(verify) = self.verify_config() else {
             return;
         };
@@ -301,10 +437,13 @@ impl RootContext for SplitTokenRoot {
             metrics: Rc::clone(&self.metrics),
             keys: Rc::clone(&self.keys),
             cache: Rc::clone(&self.cache),
+            leases: Rc::clone(&self.leases),
+            recent: Rc::clone(&self.recent),
             state: State::Request,
             body_size: 0,
             pending: None,
             refetched: false,
+            fetched: false,
         }))
     }
 
@@ -341,8 +480,8 @@ enum State {
     Introspection,
     /// A 200 token response, headers held back, body buffering.
     Buffering,
-    /// A token response held while keys are fetched to verify it: the call token and request.
-    AwaitingKeys(u32),
+    /// Held while a call (keys or etcd) is under way: its token; `pending` says what for.
+    Waiting(u32),
     /// Decided; let everything else through.
     Done,
 }
@@ -352,12 +491,65 @@ struct SplitTokenHttp {
     metrics: Rc<Metrics>,
     keys: Rc<RefCell<KeyState>>,
     cache: Rc<RefCell<LocalCache>>,
+    leases: Rc<RefCell<Leases>>,
+    recent: Rc<RefCell<RecentRevocations>>,
     state: State,
     body_size: usize,
-    /// A split token waiting for keys, with the key request under way.
-    pending: Option<(SplitPlan, KeyRequest)>,
+    /// What the call under way (`State::Waiting`) is for.
+    pending: Option<Pending>,
     /// Keys were already fetched for this token: do not fetch again.
     refetched: bool,
+    /// The token was already looked for in etcd: do not look again.
+    fetched: bool,
+}
+
+/// What a held request or response waits for.
+enum Pending {
+    /// Keys to verify a split token.
+    Keys(SplitPlan, KeyRequest),
+    /// The split token's write to etcd, before the client gets it.
+    Publish { plan: SplitPlan, step: LeaseStep },
+    /// A signature this replica does not hold, looked for in etcd.
+    Fetch { key: StoreKey, then: AfterFetch },
+    /// A revocation's write to etcd (token deleted, marker written), before the request goes on.
+    Retract {
+        key: StoreKey,
+        expires_at: u64,
+        step: LeaseStep,
+        then: AfterRetract,
+    },
+}
+
+/// Where a leased etcd write is: granting the bucket's lease, or writing under it.
+#[derive(Clone, Copy)]
+enum LeaseStep {
+    Granting { bucket: u64, retried: bool },
+    Writing { bucket: u64, retried: bool },
+}
+
+/// What a request does once etcd answered about its token.
+#[derive(Clone, Copy)]
+enum AfterFetch {
+    /// Authorize it again (an API call, or a logout).
+    Authorize { logout: bool },
+    /// Decide the revocation again, with the request body of this size.
+    Revoke { body_size: usize },
+}
+
+/// What a request does once its revocation is in etcd.
+enum AfterRetract {
+    /// Go on as it is (a logout, its headers already rebuilt).
+    Resume,
+    /// Go on with this body (the full JWT for the IdP) in place of the first `body_size` bytes.
+    ForwardBody { body: Vec<u8>, body_size: usize },
+}
+
+/// How a leased write went on.
+enum Leased {
+    /// Another call is under way.
+    Wait(u32, LeaseStep),
+    Written,
+    Failed(EtcdError),
 }
 
 /// What verification at issuance decided.
@@ -412,6 +604,9 @@ impl SplitTokenHttp {
             IssueFailure::Keys(e) => {
                 self.metrics.bump(Counter::VerifyFailed);
                 log(LogLevel::Warn, &format!("token not issued, no keys: {e}"));
+            }
+            IssueFailure::Etcd(e) => {
+                log(LogLevel::Warn, &format!("token not issued: {e}"));
             }
         }
         self.metrics.bump(Counter::SplitFailures);
@@ -501,30 +696,25 @@ impl SplitTokenHttp {
                 return Action::Pause;
             }
         };
+        let unknown_here = matches!(
+            plan,
+            RevocationPlan::ForwardUnchanged | RevocationPlan::AnswerLocally
+        );
+        if unknown_here && !self.fetched && self.config.etcd.is_some() {
+            if let Some(key) = revoke::remote_candidate(&body) {
+                // Maybe issued through another replica: ask etcd, then decide again.
+                return self.fetch(key, AfterFetch::Revoke { body_size });
+            }
+        }
         match plan {
-            RevocationPlan::Revoked { body } => {
+            RevocationPlan::Revoked {
+                body,
+                key,
+                expires_at,
+            } => {
                 self.metrics.bump(Counter::Revoked);
-                let length = body.len().to_string();
-                let applied =
-                    hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, &body)
-                        .and_then(|()| {
-                            hostcalls::set_map_value(
-                                MapType::HttpRequestHeaders,
-                                "content-length",
-                                Some(&length),
-                            )
-                        });
-                if applied.is_err() {
-                    // Revoked here already; the IdP just does not hear of it. Never forward
-                    // the signature in place of the token.
-                    log(
-                        LogLevel::Error,
-                        "revocation: cannot rewrite the request body",
-                    );
-                    self.send(&revocation_done());
-                    return Action::Pause;
-                }
-                Action::Continue
+                let then = AfterRetract::ForwardBody { body, body_size };
+                self.retract(key, expires_at, then)
             }
             RevocationPlan::ForwardUnchanged => {
                 self.metrics.bump(Counter::RevocationsForwarded);
@@ -536,6 +726,30 @@ impl SplitTokenHttp {
                 Action::Pause
             }
         }
+    }
+
+    /// Forwards a revocation with the full JWT in place of the signature.
+    fn forward_body(&mut self, body: &[u8], body_size: usize) -> Action {
+        let length = body.len().to_string();
+        let applied = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, body)
+            .and_then(|()| {
+                hostcalls::set_map_value(
+                    MapType::HttpRequestHeaders,
+                    "content-length",
+                    Some(&length),
+                )
+            });
+        if applied.is_err() {
+            // Revoked here already; the IdP just does not hear of it. Never forward the
+            // signature in place of the token.
+            log(
+                LogLevel::Error,
+                "revocation: cannot rewrite the request body",
+            );
+            self.send(&revocation_done());
+            return Action::Pause;
+        }
+        Action::Continue
     }
 
     /// A whole introspection body (or none): answered here, never forwarded.
@@ -591,9 +805,6 @@ impl SplitTokenHttp {
             || self.dpop_header(),
             now(),
         );
-        if logout && matches!(verdict, Ok(Verdict::Forward(_))) {
-            self.metrics.bump(Counter::Revoked);
-        }
         self.state = State::Done;
         let verdict = match verdict {
             Ok(v) => v,
@@ -602,6 +813,15 @@ impl SplitTokenHttp {
                 Verdict::Reject(rejection)
             }
         };
+        if !self.fetched {
+            if let Some(key) = etcd::miss_key(&self.config, &verdict, authorization.as_deref()) {
+                // Maybe issued through another replica: ask etcd once.
+                return self.fetch(key, AfterFetch::Authorize { logout });
+            }
+        }
+        if logout && matches!(verdict, Verdict::Forward(_)) {
+            self.metrics.bump(Counter::Revoked);
+        }
         self.metrics.bump(verdict.counter());
         match verdict {
             Verdict::Forward(forward) => {
@@ -623,23 +843,203 @@ impl SplitTokenHttp {
                             None => Ok(()),
                         })
                 });
-                match applied {
-                    Ok(()) => Action::Continue,
-                    Err(status) => {
-                        // Fail closed: without the rebuilt headers the upstream must not be called.
-                        log(
-                            LogLevel::Error,
-                            &format!("cannot rebuild the request: {status:?}"),
-                        );
-                        self.send(&Rejection::StoreUnavailable.reply(&self.config));
-                        Action::Pause
+                if let Err(status) = applied {
+                    // Fail closed: without the rebuilt headers the upstream must not be called.
+                    log(
+                        LogLevel::Error,
+                        &format!("cannot rebuild the request: {status:?}"),
+                    );
+                    self.send(&Rejection::StoreUnavailable.reply(&self.config));
+                    return Action::Pause;
+                }
+                match presented_key(authorization.as_deref()) {
+                    // Revoked here; every replica hears of it through etcd before the IdP does.
+                    Some(key) if logout && self.config.etcd.is_some() => {
+                        self.retract(key, forward.expires_at, AfterRetract::Resume)
                     }
+                    _ => Action::Continue,
                 }
             }
             Verdict::PassThrough => Action::Continue,
             Verdict::Reject(rejection) => {
                 self.send(&rejection.reply(&self.config));
                 Action::Pause
+            }
+        }
+    }
+
+    /// Holds the request while etcd is asked for `key`.
+    fn fetch(&mut self, key: StoreKey, then: AfterFetch) -> Action {
+        self.fetched = true;
+        let Some(etcd_config) = self.config.etcd.as_ref() else {
+            return Action::Continue;
+        };
+        let call = etcd::get_token(&etcd_config.key_prefix, &key);
+        match dispatch_etcd(etcd_config, &call) {
+            Ok(token) => {
+                self.pending = Some(Pending::Fetch { key, then });
+                self.state = State::Waiting(token);
+                Action::Pause
+            }
+            Err(e) => self.fetch_failed(&e, then),
+        }
+    }
+
+    fn fetch_failed(&mut self, e: &EtcdError, then: AfterFetch) -> Action {
+        self.metrics.bump(Counter::EtcdFailures);
+        log(LogLevel::Warn, &format!("token lookup in etcd failed: {e}"));
+        self.state = State::Done;
+        match then {
+            AfterFetch::Authorize { .. } => {
+                self.metrics.bump(Counter::RejectedStoreUnavailable);
+                self.send(&Rejection::StoreUnavailable.reply(&self.config));
+            }
+            AfterFetch::Revoke { .. } => self.send(&shared_store_unavailable()),
+        }
+        Action::Pause
+    }
+
+    /// etcd answered about a token this replica did not hold: keep it here if it is there,
+    /// then decide the request again.
+    fn on_fetched(
+        &mut self,
+        key: StoreKey,
+        then: AfterFetch,
+        answer: (Option<Vec<u8>>, Vec<u8>),
+    ) -> Action {
+        let fetched = match etcd::parse_get(answer.0.as_deref(), &answer.1) {
+            Ok(fetched) => fetched,
+            Err(e) => return self.fetch_failed(&e, then),
+        };
+        let adopted = match &fetched {
+            Some(f) => etcd::adopt(&self.store(), key, f, &self.recent.borrow(), now()),
+            None => Ok(false),
+        };
+        match adopted {
+            Ok(true) => self.metrics.bump(Counter::EtcdFetched),
+            Ok(false) => self.metrics.bump(Counter::EtcdNotFound),
+            Err(e) => {
+                log(
+                    LogLevel::Error,
+                    &format!("cannot keep a token read from etcd: {e}"),
+                );
+                self.metrics.bump(Counter::StoreWriteFailures);
+            }
+        }
+        match then {
+            AfterFetch::Authorize { logout } => self.on_protected_request(logout),
+            AfterFetch::Revoke { body_size } => self.finish_revocation(body_size),
+        }
+    }
+
+    /// Holds the request while its revocation is written to etcd.
+    fn retract(&mut self, key: StoreKey, expires_at: u64, then: AfterRetract) -> Action {
+        let Some(etcd_config) = self.config.etcd.as_ref() else {
+            return self.after_retract(then);
+        };
+        let prefix = etcd_config.key_prefix.clone();
+        let write = move |lease| etcd::revoke(&prefix, &key, expires_at, lease);
+        match self.start_leased(expires_at, false, &write) {
+            Leased::Wait(token, step) => {
+                self.pending = Some(Pending::Retract {
+                    key,
+                    expires_at,
+                    step,
+                    then,
+                });
+                self.state = State::Waiting(token);
+                Action::Pause
+            }
+            Leased::Written => self.after_retract(then),
+            Leased::Failed(e) => self.retract_failed(&e),
+        }
+    }
+
+    fn retract_failed(&mut self, e: &EtcdError) -> Action {
+        // Revoked on this replica already; the client retries and the retry reaches etcd.
+        self.metrics.bump(Counter::EtcdFailures);
+        log(
+            LogLevel::Warn,
+            &format!("revocation not written to etcd: {e}"),
+        );
+        self.state = State::Done;
+        self.send(&shared_store_unavailable());
+        Action::Pause
+    }
+
+    fn after_retract(&mut self, then: AfterRetract) -> Action {
+        self.state = State::Done;
+        match then {
+            AfterRetract::Resume => Action::Continue,
+            AfterRetract::ForwardBody { body, body_size } => self.forward_body(&body, body_size),
+        }
+    }
+
+    /// Starts a write under the lease of `expires_at`'s bucket, granting the lease first when
+    /// this worker has none.
+    fn start_leased(
+        &self,
+        expires_at: u64,
+        retried: bool,
+        write: &dyn Fn(i64) -> etcd::Call,
+    ) -> Leased {
+        let Some(etcd_config) = self.config.etcd.as_ref() else {
+            return Leased::Written;
+        };
+        let now = now();
+        let mut leases = self.leases.borrow_mut();
+        let bucket = leases.bucket(expires_at);
+        let (call, step) = match leases.get(bucket, now) {
+            Some(lease) => (write(lease), LeaseStep::Writing { bucket, retried }),
+            None => (
+                etcd::grant(Leases::ttl(bucket, now)),
+                LeaseStep::Granting { bucket, retried },
+            ),
+        };
+        match dispatch_etcd(etcd_config, &call) {
+            Ok(token) => Leased::Wait(token, step),
+            Err(e) => Leased::Failed(e),
+        }
+    }
+
+    /// Takes a leased write one step on from etcd's answer.
+    fn advance_leased(
+        &self,
+        step: LeaseStep,
+        answer: (Option<Vec<u8>>, Vec<u8>),
+        expires_at: u64,
+        (name, write): (&'static str, &dyn Fn(i64) -> etcd::Call),
+    ) -> Leased {
+        let Some(etcd_config) = self.config.etcd.as_ref() else {
+            return Leased::Written;
+        };
+        let (status, body) = answer;
+        match step {
+            LeaseStep::Granting { bucket, retried } => {
+                match etcd::parse_grant(status.as_deref(), &body) {
+                    Ok(lease) => {
+                        self.leases.borrow_mut().insert(bucket, lease);
+                        let call = write(lease);
+                        match dispatch_etcd(etcd_config, &call) {
+                            Ok(token) => {
+                                Leased::Wait(token, LeaseStep::Writing { bucket, retried })
+                            }
+                            Err(e) => Leased::Failed(e),
+                        }
+                    }
+                    Err(e) => Leased::Failed(e),
+                }
+            }
+            LeaseStep::Writing { bucket, retried } => {
+                match etcd::parse_write(name, status.as_deref(), &body) {
+                    Ok(()) => Leased::Written,
+                    Err(e) if e.lease_not_found() && !retried => {
+                        // The lease expired early or etcd lost it: grant a new one, once.
+                        self.leases.borrow_mut().forget(bucket);
+                        self.start_leased(expires_at, true, write)
+                    }
+                    Err(e) => Leased::Failed(e),
+                }
             }
         }
     }
@@ -659,10 +1059,10 @@ impl SplitTokenHttp {
 
     fn verify_then_issue(&mut self, plan: SplitPlan) -> Action {
         match self.check(&plan) {
-            Check::Verified => self.issue(&plan),
+            Check::Verified => self.publish_then_issue(plan),
             Check::Wait(token, request) => {
-                self.pending = Some((plan, request));
-                self.state = State::AwaitingKeys(token);
+                self.pending = Some(Pending::Keys(plan, request));
+                self.state = State::Waiting(token);
                 Action::Pause
             }
             Check::Failed(e) => self.fail_closed(IssueFailure::Verify(&e)),
@@ -715,6 +1115,40 @@ impl SplitTokenHttp {
         }
     }
 
+    /// With etcd, writes the token there first: a client never holds a token that another
+    /// replica could not find.
+    fn publish_then_issue(&mut self, plan: SplitPlan) -> Action {
+        let Some(etcd_config) = self.config.etcd.as_ref() else {
+            return self.issue(&plan);
+        };
+        let prefix = etcd_config.key_prefix.clone();
+        let step = {
+            let write = |lease| etcd::put_token(&prefix, &plan.entry(), lease);
+            self.start_leased(plan.expires_at, false, &write)
+        };
+        self.on_publish_step(plan, step)
+    }
+
+    fn on_publish_step(&mut self, plan: SplitPlan, step: Leased) -> Action {
+        match step {
+            Leased::Wait(token, step) => {
+                self.pending = Some(Pending::Publish { plan, step });
+                self.state = State::Waiting(token);
+                Action::Pause
+            }
+            Leased::Written => {
+                if self.config.etcd.is_some() {
+                    self.metrics.bump(Counter::EtcdPublished);
+                }
+                self.issue(&plan)
+            }
+            Leased::Failed(e) => {
+                self.metrics.bump(Counter::EtcdFailures);
+                self.fail_closed(IssueFailure::Etcd(&e))
+            }
+        }
+    }
+
     /// Stores the entry, then replaces the body: the client can use its token at once.
     fn issue(&mut self, plan: &SplitPlan) -> Action {
         let now = now();
@@ -752,22 +1186,17 @@ impl SplitTokenHttp {
     }
 }
 
-impl Context for SplitTokenHttp {
-    fn on_http_call_response(
+impl SplitTokenHttp {
+    /// Keys for a held token response arrived (or did not).
+    fn on_keys(
         &mut self,
-        token_id: u32,
+        plan: SplitPlan,
+        request: KeyRequest,
         num_headers: usize,
         body_size: usize,
-        _num_trailers: usize,
-    ) {
-        if self.state != State::AwaitingKeys(token_id) {
-            return;
-        }
-        let Some((plan, request)) = self.pending.take() else {
-            return;
-        };
+    ) -> Action {
         let now = now();
-        let action = match key_response(&request, num_headers, body_size) {
+        match key_response(&request, num_headers, body_size) {
             Outcome::Next(next) => match self
                 .config
                 .verify
@@ -775,9 +1204,9 @@ impl Context for SplitTokenHttp {
                 .map(|v| dispatch_key_request(v, &next))
             {
                 Some(Ok(token)) => {
-                    self.pending = Some((plan, next));
-                    self.state = State::AwaitingKeys(token);
-                    return;
+                    self.pending = Some(Pending::Keys(plan, next));
+                    self.state = State::Waiting(token);
+                    Action::Pause
                 }
                 _ => self.fail_closed(IssueFailure::Keys(&FetchError::NoResponse)),
             },
@@ -796,9 +1225,82 @@ impl Context for SplitTokenHttp {
                     self.fail_closed(IssueFailure::Keys(&e))
                 }
             }
+        }
+    }
+}
+
+impl Context for SplitTokenHttp {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if self.state != State::Waiting(token_id) {
+            return;
+        }
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        self.state = State::Done;
+        let prefix = self
+            .config
+            .etcd
+            .as_ref()
+            .map(|e| e.key_prefix.clone())
+            .unwrap_or_default();
+        // Token responses are held in the response path, lifecycle calls in the request path.
+        let (action, response) = match pending {
+            Pending::Keys(plan, request) => {
+                (self.on_keys(plan, request, num_headers, body_size), true)
+            }
+            Pending::Publish { plan, step } => {
+                let answer = call_answer(num_headers, body_size);
+                let next = {
+                    let write = |lease| etcd::put_token(&prefix, &plan.entry(), lease);
+                    self.advance_leased(step, answer, plan.expires_at, ("put", &write))
+                };
+                (self.on_publish_step(plan, next), true)
+            }
+            Pending::Fetch { key, then } => {
+                let answer = call_answer(num_headers, body_size);
+                (self.on_fetched(key, then, answer), false)
+            }
+            Pending::Retract {
+                key,
+                expires_at,
+                step,
+                then,
+            } => {
+                let answer = call_answer(num_headers, body_size);
+                let write = |lease| etcd::revoke(&prefix, &key, expires_at, lease);
+                let action = match self.advance_leased(step, answer, expires_at, ("txn", &write)) {
+                    Leased::Wait(token, step) => {
+                        self.pending = Some(Pending::Retract {
+                            key,
+                            expires_at,
+                            step,
+                            then,
+                        });
+                        self.state = State::Waiting(token);
+                        Action::Pause
+                    }
+                    Leased::Written => {
+                        self.metrics.bump(Counter::EtcdRevocationsPublished);
+                        self.after_retract(then)
+                    }
+                    Leased::Failed(e) => self.retract_failed(&e),
+                };
+                (action, false)
+            }
         };
         if action == Action::Continue {
-            let _ = hostcalls::resume_http_response();
+            let _ = if response {
+                hostcalls::resume_http_response()
+            } else {
+                hostcalls::resume_http_request()
+            };
         }
     }
 }

@@ -1,0 +1,906 @@
+//! The etcd tier: tokens and revocations shared by every replica of the gateway.
+//!
+//! Envoy's shared data lives in one process. Behind several gateway replicas, a token issued
+//! through one must work through all of them, and a revocation on one must reach all of them.
+//! This module builds the calls to etcd v3's JSON gateway (`POST /v3/...`, keys and values in
+//! base64) and reads the answers; the glue sends them with `dispatch_http_call`.
+//!
+//! # Layout in etcd
+//! - `<key_prefix>t/<hex SHA-256(signature)>` = `<expires_at>:<header.payload>`, under a lease
+//!   that ends with the token's expiry bucket. Like shared data, etcd never holds a signature,
+//!   so a dump of it holds no usable credential.
+//! - `<key_prefix>r/<hex SHA-256(signature)>` = `<expires_at>`: a revocation marker, written in
+//!   the transaction that deletes the token, under a lease of the same kind: it lives as long
+//!   as the token would have.
+//!
+//! # Flow
+//! - Issuance writes the token before the client gets it (fail closed: a 503 if etcd fails), so
+//!   a token a client holds is known to every replica.
+//! - A signature a replica does not hold is read from etcd once ([`miss_key`]), then stored
+//!   locally ([`adopt`]).
+//! - A revocation deletes the token and writes its marker. Every worker of every replica asks
+//!   for markers newer than the last revision it saw ([`poll`]) every `poll_ms`, and forgets
+//!   those tokens ([`apply_markers`]).
+
+use crate::config::Config;
+use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
+use crate::revoke::could_be_signature;
+use crate::store::{Entry, SharedData, Store, StoreError};
+use crate::token::StoreKey;
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::fmt;
+
+/// Markers asked for per poll; more come with the next call at once.
+pub const POLL_LIMIT: u32 = 1000;
+/// How long a worker remembers a revocation it polled, to refuse a read of that token from
+/// etcd that raced the revocation (a read takes at most `timeout_ms`, at most 60 s).
+pub const RECENT_SECONDS: u64 = 120;
+/// Revocations a worker remembers at most.
+pub const RECENT_CAPACITY: usize = 65_536;
+
+/// One call to etcd's JSON gateway: `POST path` with a JSON body.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Call {
+    /// What the call does, for messages: "put", "range", "txn", "poll", "lease grant".
+    pub name: &'static str,
+    pub path: &'static str,
+    pub body: Vec<u8>,
+}
+
+/// Never print the body: a token write carries `header.payload`.
+impl fmt::Debug for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Call({}, <{} bytes>)", self.path, self.body.len())
+    }
+}
+
+/// The etcd key of a token.
+pub fn token_key(prefix: &str, key: &StoreKey) -> String {
+    format!("{prefix}t/{}", key.to_hex())
+}
+
+/// The etcd key of a token's revocation marker.
+pub fn marker_key(prefix: &str, key: &StoreKey) -> String {
+    format!("{prefix}r/{}", key.to_hex())
+}
+
+fn b64(bytes: &[u8]) -> String {
+    STANDARD.encode(bytes)
+}
+
+fn call(name: &'static str, path: &'static str, body: &serde_json::Value) -> Call {
+    Call {
+        name,
+        path,
+        body: body.to_string().into_bytes(),
+    }
+}
+
+/// Grants a lease of `ttl_seconds`.
+pub fn grant(ttl_seconds: u64) -> Call {
+    call(
+        "lease grant",
+        "/v3/lease/grant",
+        &json!({ "TTL": ttl_seconds.to_string() }),
+    )
+}
+
+/// Writes a token under `lease`.
+pub fn put_token(prefix: &str, entry: &Entry<'_>, lease: i64) -> Call {
+    let mut value = format!("{}:", entry.expires_at).into_bytes();
+    value.extend_from_slice(entry.header_payload);
+    call(
+        "put",
+        "/v3/kv/put",
+        &json!({
+            "key": b64(token_key(prefix, &entry.key).as_bytes()),
+            "value": b64(&value),
+            "lease": lease.to_string(),
+        }),
+    )
+}
+
+/// Reads a token.
+pub fn get_token(prefix: &str, key: &StoreKey) -> Call {
+    call(
+        "range",
+        "/v3/kv/range",
+        &json!({ "key": b64(token_key(prefix, key).as_bytes()) }),
+    )
+}
+
+/// Deletes a token and writes its revocation marker, in one transaction.
+pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64) -> Call {
+    call(
+        "txn",
+        "/v3/kv/txn",
+        &json!({ "success": [
+            { "request_delete_range": { "key": b64(token_key(prefix, key).as_bytes()) } },
+            { "request_put": {
+                "key": b64(marker_key(prefix, key).as_bytes()),
+                "value": b64(expires_at.to_string().as_bytes()),
+                "lease": lease.to_string(),
+            } },
+        ] }),
+    )
+}
+
+/// Asks for the revocation markers written at `from_revision` or later, oldest first.
+pub fn poll(prefix: &str, from_revision: u64) -> Call {
+    // Every key under `<prefix>r/`: the range ends at `<prefix>r0` ('0' follows '/').
+    call(
+        "poll",
+        "/v3/kv/range",
+        &json!({
+            "key": b64(format!("{prefix}r/").as_bytes()),
+            "range_end": b64(format!("{prefix}r0").as_bytes()),
+            "min_mod_revision": from_revision.to_string(),
+            "keys_only": true,
+            "limit": POLL_LIMIT.to_string(),
+            "sort_target": "MOD",
+            "sort_order": "ASCEND",
+        }),
+    )
+}
+
+/// Why an etcd call failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EtcdError {
+    /// No answer: the connection failed, was reset, or the call timed out.
+    NoAnswer { call: &'static str },
+    /// etcd answered with an error status.
+    Refused {
+        call: &'static str,
+        status: u32,
+        /// etcd's gRPC code, when the body carried one (5: not found).
+        code: Option<i64>,
+        message: String,
+    },
+    /// The answer is not what etcd sends.
+    BadAnswer {
+        call: &'static str,
+        reason: &'static str,
+    },
+}
+
+impl EtcdError {
+    /// The lease a write named is gone (it expired, or etcd lost it): grant another.
+    pub fn lease_not_found(&self) -> bool {
+        matches!(self, Self::Refused { code: Some(5), message, .. } if message.contains("lease not found"))
+    }
+}
+
+impl fmt::Display for EtcdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NoAnswer { call } => write!(f, "etcd {call}: no answer (down or timed out)"),
+            Self::Refused {
+                call,
+                status,
+                message,
+                ..
+            } => write!(f, "etcd {call}: status {status}: {message}"),
+            Self::BadAnswer { call, reason } => write!(f, "etcd {call}: {reason}"),
+        }
+    }
+}
+
+impl std::error::Error for EtcdError {}
+
+#[derive(Deserialize)]
+struct ErrorAnswer {
+    #[serde(default)]
+    code: Option<i64>,
+    #[serde(default)]
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Header {
+    #[serde(default)]
+    revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct GrantAnswer {
+    #[serde(rename = "ID", default)]
+    id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct WriteAnswer {
+    #[serde(default)]
+    header: Option<Header>,
+    /// Only in transaction answers.
+    #[serde(default)]
+    succeeded: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Kv {
+    #[serde(default)]
+    key: Option<String>,
+    #[serde(default)]
+    value: Option<String>,
+    #[serde(default)]
+    mod_revision: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct RangeAnswer {
+    #[serde(default)]
+    header: Option<Header>,
+    #[serde(default)]
+    kvs: Vec<Kv>,
+    #[serde(default)]
+    more: bool,
+}
+
+/// Decodes a 200 answer, or names the failure. `status` is `None` when no answer came.
+fn answer<'a, T: Deserialize<'a>>(
+    call: &'static str,
+    status: Option<&[u8]>,
+    body: &'a [u8],
+) -> Result<T, EtcdError> {
+    let Some(status) = status else {
+        return Err(EtcdError::NoAnswer { call });
+    };
+    if status != b"200" {
+        let error: Option<ErrorAnswer> = serde_json::from_slice(body).ok();
+        let (code, message) = error.map_or((None, None), |e| (e.code, e.message));
+        let mut message = message.unwrap_or_default();
+        if let Some((cut, _)) = message.char_indices().nth(200) {
+            message.truncate(cut);
+        }
+        return Err(EtcdError::Refused {
+            call,
+            status: std::str::from_utf8(status)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0),
+            code,
+            message,
+        });
+    }
+    serde_json::from_slice(body).map_err(|_| EtcdError::BadAnswer {
+        call,
+        reason: "the answer is not the JSON etcd sends",
+    })
+}
+
+fn number(call: &'static str, text: Option<&str>, what: &'static str) -> Result<u64, EtcdError> {
+    text.and_then(|t| t.parse().ok())
+        .ok_or(EtcdError::BadAnswer { call, reason: what })
+}
+
+/// The lease id of a grant.
+pub fn parse_grant(status: Option<&[u8]>, body: &[u8]) -> Result<i64, EtcdError> {
+    const CALL: &str = "lease grant";
+    let grant: GrantAnswer = answer(CALL, status, body)?;
+    grant
+        .id
+        .and_then(|id| id.parse::<i64>().ok())
+        .filter(|id| *id > 0)
+        .ok_or(EtcdError::BadAnswer {
+            call: CALL,
+            reason: "no lease ID in the answer",
+        })
+}
+
+/// Whether a put or a transaction took effect.
+pub fn parse_write(
+    call: &'static str,
+    status: Option<&[u8]>,
+    body: &[u8],
+) -> Result<(), EtcdError> {
+    let write: WriteAnswer = answer(call, status, body)?;
+    if write.header.is_none() {
+        return Err(EtcdError::BadAnswer {
+            call,
+            reason: "no header in the answer",
+        });
+    }
+    if write.succeeded == Some(false) {
+        return Err(EtcdError::BadAnswer {
+            call,
+            reason: "the transaction did not succeed",
+        });
+    }
+    Ok(())
+}
+
+/// A token read from etcd.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Fetched {
+    pub expires_at: u64,
+    pub header_payload: String,
+}
+
+/// Never print `header.payload`.
+impl fmt::Debug for Fetched {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Fetched")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The token of a [`get_token`] answer, if etcd holds it.
+pub fn parse_get(status: Option<&[u8]>, body: &[u8]) -> Result<Option<Fetched>, EtcdError> {
+    const CALL: &str = "range";
+    let range: RangeAnswer = answer(CALL, status, body)?;
+    let Some(kv) = range.kvs.first() else {
+        return Ok(None);
+    };
+    let bad = |reason| EtcdError::BadAnswer { call: CALL, reason };
+    let value = kv
+        .value
+        .as_deref()
+        .and_then(|v| STANDARD.decode(v).ok())
+        .and_then(|v| String::from_utf8(v).ok())
+        .ok_or(bad("the value is not base64 of text"))?;
+    let (expires_at, header_payload) = value
+        .split_once(':')
+        .ok_or(bad("the value is not <expires_at>:<header.payload>"))?;
+    let expires_at = expires_at
+        .parse()
+        .map_err(|_| bad("the value's expiry is not a number"))?;
+    let mut parts = header_payload.split('.');
+    let well_formed = parts.clone().count() == 2
+        && parts.all(|p| !p.is_empty() && crate::token::is_base64url(p.as_bytes()))
+        && header_payload.len() <= usize::from(u16::MAX);
+    if !well_formed {
+        return Err(bad("the value's token is not a header.payload"));
+    }
+    Ok(Some(Fetched {
+        expires_at,
+        header_payload: header_payload.to_owned(),
+    }))
+}
+
+/// Revocation markers from one poll.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Markers {
+    pub keys: Vec<StoreKey>,
+    /// The `from_revision` of the next poll.
+    pub next_revision: u64,
+    /// More markers are waiting: poll again at once.
+    pub more: bool,
+}
+
+/// The markers of a [`poll`] answer. Keys under the prefix that are not markers are skipped.
+pub fn parse_poll(
+    prefix: &str,
+    from_revision: u64,
+    status: Option<&[u8]>,
+    body: &[u8],
+) -> Result<Markers, EtcdError> {
+    const CALL: &str = "poll";
+    let range: RangeAnswer = answer(CALL, status, body)?;
+    let revision = number(
+        CALL,
+        range.header.as_ref().and_then(|h| h.revision.as_deref()),
+        "no revision in the answer",
+    )?;
+    let marker_prefix = format!("{prefix}r/");
+    let mut keys = Vec::with_capacity(range.kvs.len());
+    let mut last = None;
+    for kv in &range.kvs {
+        last = Some(number(
+            CALL,
+            kv.mod_revision.as_deref(),
+            "a key without mod_revision",
+        )?);
+        let name = kv
+            .key
+            .as_deref()
+            .and_then(|k| STANDARD.decode(k).ok())
+            .and_then(|k| String::from_utf8(k).ok());
+        if let Some(key) = name
+            .as_deref()
+            .and_then(|n| n.strip_prefix(&marker_prefix))
+            .and_then(StoreKey::from_hex)
+        {
+            keys.push(key);
+        }
+    }
+    // Paged: continue after the last marker seen. Whole: everything up to the answer's
+    // revision has been seen (reads are linearizable).
+    let next_revision = match last {
+        Some(last) if range.more => last + 1,
+        _ => revision.saturating_add(1).max(from_revision),
+    };
+    Ok(Markers {
+        keys,
+        next_revision,
+        more: range.more,
+    })
+}
+
+/// The key to look for in etcd after a request was refused as unknown here: the presented
+/// signature, when etcd is configured and the token has a signature's shape.
+pub fn miss_key(
+    config: &Config,
+    verdict: &Verdict,
+    authorization: Option<&[u8]>,
+) -> Option<StoreKey> {
+    config.etcd.as_ref()?;
+    if *verdict != Verdict::Reject(Rejection::Unknown) {
+        return None;
+    }
+    match parse_authorization(authorization) {
+        Credentials::Signature(s) | Credentials::Dpop(s) if could_be_signature(s.as_str()) => {
+            presented_key(authorization)
+        }
+        _ => None,
+    }
+}
+
+/// Revocations a worker polled recently.
+#[derive(Debug, Default)]
+pub struct RecentRevocations {
+    keys: HashSet<StoreKey>,
+    order: VecDeque<(u64, StoreKey)>,
+}
+
+impl RecentRevocations {
+    pub fn insert(&mut self, key: StoreKey, now: u64) {
+        self.prune(now);
+        if self.keys.insert(key) {
+            self.order.push_back((now, key));
+        }
+        while self.order.len() > RECENT_CAPACITY {
+            if let Some((_, old)) = self.order.pop_front() {
+                self.keys.remove(&old);
+            }
+        }
+    }
+
+    pub fn contains(&self, key: &StoreKey) -> bool {
+        self.keys.contains(key)
+    }
+
+    fn prune(&mut self, now: u64) {
+        while let Some(&(seen, key)) = self.order.front() {
+            if seen.saturating_add(RECENT_SECONDS) > now {
+                break;
+            }
+            self.order.pop_front();
+            self.keys.remove(&key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+}
+
+/// Stores a token read from etcd in this replica's store. Not when it has expired, nor when
+/// this worker polled its revocation: the read may have raced the revocation, and storing it
+/// after its marker was applied would bring it back here until it expires.
+pub fn adopt<H: SharedData>(
+    store: &Store<'_, H>,
+    key: StoreKey,
+    fetched: &Fetched,
+    recent: &RecentRevocations,
+    now: u64,
+) -> Result<bool, StoreError> {
+    if fetched.expires_at <= now || recent.contains(&key) {
+        return Ok(false);
+    }
+    store.put(
+        &Entry {
+            key,
+            expires_at: fetched.expires_at,
+            header_payload: fetched.header_payload.as_bytes(),
+        },
+        now,
+    )?;
+    Ok(true)
+}
+
+/// Forgets the tokens of polled revocation markers here. Returns how many entries this removed;
+/// when any, the epoch moves once, so every worker's cache forgets them too.
+pub fn apply_markers<H: SharedData>(
+    store: &Store<'_, H>,
+    markers: &[StoreKey],
+    recent: &mut RecentRevocations,
+    now: u64,
+) -> Result<u32, StoreError> {
+    let mut removed = 0;
+    for key in markers {
+        recent.insert(*key, now);
+        if store.remove(key)? {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        store.bump_epoch()?;
+    }
+    Ok(removed)
+}
+
+/// The leases a worker granted, one per expiry bucket: tokens expiring within the same
+/// `lease_bucket_seconds` share one, so issuance grants a lease about once per bucket.
+#[derive(Debug)]
+pub struct Leases {
+    width: u64,
+    granted: BTreeMap<u64, i64>,
+}
+
+/// Buckets of a minute, the configuration's default.
+impl Default for Leases {
+    fn default() -> Self {
+        Self::new(60)
+    }
+}
+
+impl Leases {
+    pub fn new(width: u64) -> Self {
+        Self {
+            width: width.max(1),
+            granted: BTreeMap::new(),
+        }
+    }
+
+    /// The end of the bucket of a token expiring at `expires_at`.
+    pub fn bucket(&self, expires_at: u64) -> u64 {
+        expires_at.div_ceil(self.width).saturating_mul(self.width)
+    }
+
+    /// The lease of `bucket`, if granted. Forgets leases of buckets that have ended.
+    pub fn get(&mut self, bucket: u64, now: u64) -> Option<i64> {
+        self.granted = self.granted.split_off(&now.saturating_add(1));
+        self.granted.get(&bucket).copied()
+    }
+
+    /// What to grant for `bucket` at `now`: it outlives every token of the bucket.
+    pub fn ttl(bucket: u64, now: u64) -> u64 {
+        bucket.saturating_sub(now).saturating_add(1)
+    }
+
+    pub fn insert(&mut self, bucket: u64, lease: i64) {
+        self.granted.insert(bucket, lease);
+    }
+
+    /// A lease etcd no longer knows.
+    pub fn forget(&mut self, bucket: u64) {
+        self.granted.remove(&bucket);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::tests::{put_token as store_token, MemoryData};
+    use crate::token::Signature;
+
+    const SIG: &str = "5mhBHqs5_DTLdINd9p5m7ZJ6XD0Xc55kIaCRY5r6HRA";
+    const HP: &str = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0";
+
+    fn key() -> StoreKey {
+        Signature::parse(SIG.as_bytes()).unwrap().store_key()
+    }
+
+    fn body(call: &Call) -> serde_json::Value {
+        serde_json::from_slice(&call.body).unwrap()
+    }
+
+    fn unb64(v: &serde_json::Value) -> String {
+        String::from_utf8(STANDARD.decode(v.as_str().unwrap()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn keys_are_hashes_and_never_signatures() {
+        let hex = key().to_hex();
+        assert_eq!(hex.len(), 64);
+        assert_eq!(StoreKey::from_hex(&hex), Some(key()));
+        assert_eq!(StoreKey::from_hex(&hex.to_uppercase()), Some(key()));
+        assert_eq!(StoreKey::from_hex(&hex[1..]), None);
+        assert_eq!(StoreKey::from_hex(&format!("+{}", &hex[1..])), None);
+        assert_eq!(token_key("p/", &key()), format!("p/t/{hex}"));
+        assert_eq!(marker_key("p/", &key()), format!("p/r/{hex}"));
+        let entry = Entry {
+            key: key(),
+            expires_at: 1_900_000_000,
+            header_payload: HP.as_bytes(),
+        };
+        let put = put_token("p/", &entry, 42);
+        assert_eq!(put.path, "/v3/kv/put");
+        let b = body(&put);
+        assert_eq!(unb64(&b["key"]), format!("p/t/{hex}"));
+        assert_eq!(unb64(&b["value"]), format!("1900000000:{HP}"));
+        assert_eq!(b["lease"], "42");
+        for call in [put, get_token("p/", &key()), revoke("p/", &key(), 9, 42)] {
+            let text = String::from_utf8(call.body.clone()).unwrap();
+            assert!(!text.contains(SIG) && !text.contains(&b64(SIG.as_bytes())));
+            assert!(!format!("{call:?}").contains("eyJ"));
+        }
+    }
+
+    #[test]
+    fn revocation_deletes_the_token_and_writes_its_marker_in_one_transaction() {
+        let b = body(&revoke("p/", &key(), 77, 5));
+        let ops = b["success"].as_array().unwrap();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(
+            unb64(&ops[0]["request_delete_range"]["key"]),
+            token_key("p/", &key())
+        );
+        let put = &ops[1]["request_put"];
+        assert_eq!(unb64(&put["key"]), marker_key("p/", &key()));
+        assert_eq!(unb64(&put["value"]), "77");
+        assert_eq!(put["lease"], "5");
+        assert!(b.get("compare").is_none());
+    }
+
+    #[test]
+    fn poll_asks_for_markers_since_a_revision_oldest_first() {
+        let b = body(&poll("p/", 17));
+        assert_eq!(unb64(&b["key"]), "p/r/");
+        assert_eq!(unb64(&b["range_end"]), "p/r0");
+        assert_eq!(b["min_mod_revision"], "17");
+        assert_eq!(b["keys_only"], true);
+        assert_eq!(
+            (b["sort_target"].as_str(), b["sort_order"].as_str()),
+            (Some("MOD"), Some("ASCEND"))
+        );
+    }
+
+    fn kv(key: &str, value: Option<&str>, rev: u64) -> serde_json::Value {
+        let mut kv = json!({"key": b64(key.as_bytes()), "mod_revision": rev.to_string()});
+        if let Some(v) = value {
+            kv["value"] = b64(v.as_bytes()).into();
+        }
+        kv
+    }
+
+    #[test]
+    fn reads_a_token_or_its_absence() {
+        let found = json!({"header": {"revision": "3"}, "kvs": [kv("p/t/x", Some(&format!("99:{HP}")), 2)], "count": "1"});
+        let got = parse_get(Some(b"200"), found.to_string().as_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!((got.expires_at, got.header_payload.as_str()), (99, HP));
+        assert!(!format!("{got:?}").contains("eyJ"));
+        let absent = json!({"header": {"revision": "3"}});
+        assert_eq!(
+            parse_get(Some(b"200"), absent.to_string().as_bytes()),
+            Ok(None)
+        );
+        for value in [
+            "99",
+            "x:a.b",
+            &format!("99:{HP}.sig"),
+            "99:a..b",
+            "99:a b.c",
+            "99:",
+        ] {
+            let body = json!({"header": {}, "kvs": [kv("p/t/x", Some(value), 2)]});
+            assert!(
+                matches!(
+                    parse_get(Some(b"200"), body.to_string().as_bytes()),
+                    Err(EtcdError::BadAnswer { .. })
+                ),
+                "{value}"
+            );
+        }
+        let body = json!({"header": {}, "kvs": [kv("p/t/x", None, 2)]});
+        assert!(parse_get(Some(b"200"), body.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn failures_name_the_call_and_what_etcd_said() {
+        assert_eq!(
+            parse_get(None, b""),
+            Err(EtcdError::NoAnswer { call: "range" })
+        );
+        let lease_gone = br#"{"error":"etcdserver: requested lease not found","message":"etcdserver: requested lease not found","code":5}"#;
+        let e = parse_write("put", Some(b"404"), lease_gone).unwrap_err();
+        assert!(e.lease_not_found(), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "etcd put: status 404: etcdserver: requested lease not found"
+        );
+        let e = parse_write("put", Some(b"503"), b"<html>").unwrap_err();
+        assert!(!e.lease_not_found());
+        assert!(matches!(
+            e,
+            EtcdError::Refused {
+                status: 503,
+                code: None,
+                ..
+            }
+        ));
+        assert!(matches!(
+            parse_write("put", Some(b"200"), b"{}"),
+            Err(EtcdError::BadAnswer { .. })
+        ));
+        assert!(matches!(
+            parse_write("put", Some(b"200"), b"not json"),
+            Err(EtcdError::BadAnswer { .. })
+        ));
+        assert_eq!(
+            parse_write("put", Some(b"200"), br#"{"header":{"revision":"2"}}"#),
+            Ok(())
+        );
+        assert!(parse_write("txn", Some(b"200"), br#"{"header":{},"succeeded":false}"#).is_err());
+        assert_eq!(
+            parse_write("txn", Some(b"200"), br#"{"header":{},"succeeded":true}"#),
+            Ok(())
+        );
+        assert_eq!(
+            parse_grant(Some(b"200"), br#"{"header":{},"ID":"7587","TTL":"60"}"#),
+            Ok(7587)
+        );
+        assert!(parse_grant(Some(b"200"), br#"{"header":{},"ID":"-1"}"#).is_err());
+        assert!(parse_grant(Some(b"200"), br#"{"header":{}}"#).is_err());
+    }
+
+    #[test]
+    fn polls_page_through_markers_and_skip_foreign_keys() {
+        let hex = key().to_hex();
+        let page = json!({"header": {"revision": "40"}, "more": true, "kvs": [
+            kv(&format!("p/r/{hex}"), None, 12),
+            kv("p/r/not-a-hash", None, 13),
+        ]});
+        let m = parse_poll("p/", 10, Some(b"200"), page.to_string().as_bytes()).unwrap();
+        assert_eq!(
+            (m.keys.clone(), m.next_revision, m.more),
+            (vec![key()], 14, true)
+        );
+        let last =
+            json!({"header": {"revision": "40"}, "kvs": [kv(&format!("p/r/{hex}"), None, 30)]});
+        let m = parse_poll("p/", 14, Some(b"200"), last.to_string().as_bytes()).unwrap();
+        assert_eq!((m.next_revision, m.more), (41, false));
+        let none = json!({"header": {"revision": "40"}});
+        let m = parse_poll("p/", 0, Some(b"200"), none.to_string().as_bytes()).unwrap();
+        assert_eq!((m.keys.len(), m.next_revision), (0, 41));
+        assert!(parse_poll("p/", 0, Some(b"200"), b"{}").is_err());
+        assert!(parse_poll("p/", 0, None, b"").is_err());
+    }
+
+    fn config(etcd: bool) -> Config {
+        let etcd = if etcd {
+            r#", "etcd": {"cluster": "etcd"}"#
+        } else {
+            ""
+        };
+        Config::from_json(
+            format!(r#"{{"token_paths": ["/t"], "store_slots": 8{etcd}}}"#).as_bytes(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn only_unknown_signature_shapes_are_looked_for_in_etcd() {
+        let unknown = Verdict::Reject(Rejection::Unknown);
+        let bearer = format!("Bearer {SIG}");
+        let dpop = format!("DPoP {SIG}");
+        assert_eq!(
+            miss_key(&config(true), &unknown, Some(bearer.as_bytes())),
+            Some(key())
+        );
+        assert_eq!(
+            miss_key(&config(true), &unknown, Some(dpop.as_bytes())),
+            Some(key())
+        );
+        assert_eq!(
+            miss_key(&config(false), &unknown, Some(bearer.as_bytes())),
+            None
+        );
+        let expired = Verdict::Reject(Rejection::Expired);
+        assert_eq!(
+            miss_key(&config(true), &expired, Some(bearer.as_bytes())),
+            None
+        );
+        // A UUID has no signature's length.
+        let uuid = b"Bearer 0b5c1e8e-2f5e-4c1a-9d8e-3b1f2a4c5d6e";
+        assert_eq!(miss_key(&config(true), &unknown, Some(uuid)), None);
+        assert_eq!(miss_key(&config(true), &unknown, None), None);
+    }
+
+    #[test]
+    fn a_read_that_raced_its_revocation_is_not_stored() {
+        let c = config(true);
+        let host = MemoryData::default();
+        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
+        store.initialize().unwrap();
+        let fetched = Fetched {
+            expires_at: 100,
+            header_payload: HP.to_owned(),
+        };
+        let mut recent = RecentRevocations::default();
+        assert_eq!(
+            adopt(&store, key(), &fetched, &recent, 100),
+            Ok(false),
+            "expired"
+        );
+        assert_eq!(apply_markers(&store, &[key()], &mut recent, 10), Ok(0));
+        assert_eq!(
+            adopt(&store, key(), &fetched, &recent, 10),
+            Ok(false),
+            "revoked"
+        );
+        let fresh = RecentRevocations::default();
+        assert_eq!(adopt(&store, key(), &fetched, &fresh, 10), Ok(true));
+        let slot = store.fetch_slot(&key()).unwrap();
+        assert!(matches!(
+            crate::store::find(&slot, &key(), 10),
+            Ok(crate::store::Lookup::Hit {
+                expires_at: 100,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn markers_remove_tokens_and_move_the_epoch_once() {
+        let c = config(true);
+        let host = MemoryData::default();
+        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
+        store.initialize().unwrap();
+        store.seed_epoch(1).unwrap();
+        store_token(&store, "sig-a", HP.as_bytes(), 100);
+        store_token(&store, "sig-b", HP.as_bytes(), 100);
+        let a = Signature::parse(b"sig-a").unwrap().store_key();
+        let b = Signature::parse(b"sig-b").unwrap().store_key();
+        let absent = StoreKey([7; 32]);
+        let mut recent = RecentRevocations::default();
+        let before = store.epoch().unwrap();
+        assert_eq!(
+            apply_markers(&store, &[a, absent, b], &mut recent, 10),
+            Ok(2)
+        );
+        assert_eq!(store.epoch().unwrap(), before + 1);
+        assert_eq!(apply_markers(&store, &[a], &mut recent, 10), Ok(0));
+        assert_eq!(
+            store.epoch().unwrap(),
+            before + 1,
+            "nothing removed, nothing to tell caches"
+        );
+        assert!(recent.contains(&a) && recent.contains(&absent));
+    }
+
+    #[test]
+    fn recent_revocations_are_bounded_in_time_and_size() {
+        let mut recent = RecentRevocations::default();
+        recent.insert(StoreKey([1; 32]), 0);
+        recent.insert(StoreKey([1; 32]), 5);
+        assert_eq!(recent.len(), 1);
+        recent.insert(StoreKey([2; 32]), RECENT_SECONDS);
+        assert!(!recent.contains(&StoreKey([1; 32])));
+        assert!(recent.contains(&StoreKey([2; 32])));
+        for i in 0..RECENT_CAPACITY + 10 {
+            let mut k = [0u8; 32];
+            k[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            k[31] = 9;
+            recent.insert(StoreKey(k), RECENT_SECONDS + 1);
+        }
+        assert_eq!(recent.len(), RECENT_CAPACITY);
+    }
+
+    #[test]
+    fn leases_cover_their_bucket_and_are_forgotten_after_it() {
+        let mut leases = Leases::new(60);
+        assert_eq!(leases.bucket(1), 60);
+        assert_eq!(leases.bucket(60), 60);
+        assert_eq!(leases.bucket(61), 120);
+        assert_eq!(Leases::ttl(120, 30), 91);
+        assert_eq!(Leases::ttl(120, 500), 1);
+        leases.insert(120, 9);
+        assert_eq!(leases.get(120, 100), Some(9));
+        assert_eq!(leases.get(120, 120), None, "the bucket has ended");
+        leases.insert(180, 10);
+        leases.forget(180);
+        assert_eq!(leases.get(180, 100), None);
+    }
+}
