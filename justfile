@@ -8,7 +8,7 @@ wasm := "target/wasm32-wasip1/release/split_token_filter.wasm"
 default:
     @just --list
 
-# Install the pinned demo/test parts into .deps/ (Envoy 1.40.0, oauth2-mock-server 7.2.1, httpbin)
+# Install the pinned demo/test parts into .deps/ (Envoy 1.40.0, oauth2-mock-server 7.2.1, httpbin, etcd 3.4.23)
 deps:
     tests/deps.sh
 
@@ -52,7 +52,7 @@ bench-deps:
     command -v h2load >/dev/null && command -v wrk >/dev/null || \
       (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
 
-# Throughput vs bare Envoy and jwt_authn, store scale and churn -> docs/benchmarks.md (--quick: smoke run)
+# Throughput vs bare Envoy and jwt_authn, store scale and churn, the etcd tier across replicas -> docs/benchmarks.md (--quick: smoke run)
 bench *args: deps build bench-deps
     #!/usr/bin/env bash
     set -euo pipefail
@@ -60,8 +60,10 @@ bench *args: deps build bench-deps
     mkdir -p .run/bench
     {{venv}}/bin/python tests/bench/bench.py $quick --json .run/bench/throughput.json
     {{venv}}/bin/python tests/bench/scale.py $quick --json .run/bench/scale.json
+    {{venv}}/bin/python tests/bench/replicas.py $quick --json .run/bench/replicas.json
     if [ -z "$quick" ]; then
-      {{venv}}/bin/python tests/bench/report.py .run/bench/throughput.json .run/bench/scale.json
+      {{venv}}/bin/python tests/bench/report.py .run/bench/throughput.json .run/bench/scale.json \
+        .run/bench/replicas.json
     fi
 
 # Fuzz every core parser for a bounded time each (not in CI): just fuzz [seconds-per-target] [target...]

@@ -383,10 +383,15 @@ impl RootContext for SplitTokenRoot {
                 if let Some(period) = tick {
                     let _ = hostcalls::set_tick_period(period);
                 }
+                let shared = config
+                    .etcd
+                    .as_ref()
+                    .map(|e| format!(", shared through etcd cluster {}", e.cluster))
+                    .unwrap_or_default();
                 log(
                     LogLevel::Info,
                     &format!(
-                        "configured {} token path(s), {} public prefix(es), {} store slots",
+                        "configured {} token path(s), {} public prefix(es), {} store slots{shared}",
                         config.token_paths.len(),
                         config.public_prefixes.len(),
                         config.store_slots
@@ -451,6 +456,9 @@ impl RootContext for SplitTokenRoot {
         Some(ContextType::HttpContext)
     }
 }
+
+/// How an introspection answer for an unknown, expired or revoked token starts.
+const INACTIVE: &str = r#"{"active":false"#;
 
 /// The HTTP context of a VM whose configuration was refused: it fails closed.
 struct Unconfigured;
@@ -534,6 +542,8 @@ enum AfterFetch {
     Authorize { logout: bool },
     /// Decide the revocation again, with the request body of this size.
     Revoke { body_size: usize },
+    /// Answer the introspection request, with the request body of this size.
+    Introspect { body_size: usize },
 }
 
 /// What a request does once its revocation is in etcd.
@@ -762,7 +772,17 @@ impl SplitTokenHttp {
         let outcome = if authenticate(clients, authorization.as_deref()) {
             let body = self.request_body(body_size);
             match introspect(&self.store(), &body, now()) {
-                Ok(outcome) => outcome,
+                Ok(outcome) => {
+                    let inactive =
+                        matches!(&outcome, Introspection::Answer(a) if a.starts_with(INACTIVE));
+                    if inactive && !self.fetched && self.config.etcd.is_some() {
+                        if let Some(key) = revoke::remote_candidate(&body) {
+                            // Maybe issued through another replica: ask etcd, then answer.
+                            return self.fetch(key, AfterFetch::Introspect { body_size });
+                        }
+                    }
+                    outcome
+                }
                 Err(e) => {
                     log(LogLevel::Error, &format!("introspection: {e}"));
                     self.send(&Rejection::StoreUnavailable.reply(&self.config));
@@ -773,9 +793,7 @@ impl SplitTokenHttp {
             Introspection::Unauthorized
         };
         self.metrics.bump(match &outcome {
-            Introspection::Answer(a) if a.starts_with(r#"{"active":false"#) => {
-                Counter::IntrospectionsInactive
-            }
+            Introspection::Answer(a) if a.starts_with(INACTIVE) => Counter::IntrospectionsInactive,
             Introspection::Answer(_) => Counter::IntrospectionsActive,
             Introspection::Unauthorized | Introspection::Invalid(_) => {
                 Counter::IntrospectionsRefused
@@ -894,7 +912,9 @@ impl SplitTokenHttp {
                 self.metrics.bump(Counter::RejectedStoreUnavailable);
                 self.send(&Rejection::StoreUnavailable.reply(&self.config));
             }
-            AfterFetch::Revoke { .. } => self.send(&shared_store_unavailable()),
+            AfterFetch::Revoke { .. } | AfterFetch::Introspect { .. } => {
+                self.send(&shared_store_unavailable())
+            }
         }
         Action::Pause
     }
@@ -929,6 +949,7 @@ impl SplitTokenHttp {
         match then {
             AfterFetch::Authorize { logout } => self.on_protected_request(logout),
             AfterFetch::Revoke { body_size } => self.finish_revocation(body_size),
+            AfterFetch::Introspect { body_size } => self.finish_introspection(body_size),
         }
     }
 
