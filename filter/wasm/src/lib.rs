@@ -960,7 +960,18 @@ impl SplitTokenHttp {
         };
         let prefix = etcd_config.key_prefix.clone();
         let write = move |lease| etcd::revoke(&prefix, &key, expires_at, lease);
-        match self.start_leased(expires_at, false, &write) {
+        let step = self.start_leased(expires_at, false, &write);
+        self.on_retract_step(key, expires_at, then, step)
+    }
+
+    fn on_retract_step(
+        &mut self,
+        key: StoreKey,
+        expires_at: u64,
+        then: AfterRetract,
+        step: Leased,
+    ) -> Action {
+        match step {
             Leased::Wait(token, step) => {
                 self.pending = Some(Pending::Retract {
                     key,
@@ -971,7 +982,12 @@ impl SplitTokenHttp {
                 self.state = State::Waiting(token);
                 Action::Pause
             }
-            Leased::Written => self.after_retract(then),
+            Leased::Written => {
+                if self.config.etcd.is_some() {
+                    self.metrics.bump(Counter::EtcdRevocationsPublished);
+                }
+                self.after_retract(then)
+            }
             Leased::Failed(e) => self.retract_failed(&e),
         }
     }
@@ -1295,25 +1311,11 @@ impl Context for SplitTokenHttp {
                 then,
             } => {
                 let answer = call_answer(num_headers, body_size);
-                let write = |lease| etcd::revoke(&prefix, &key, expires_at, lease);
-                let action = match self.advance_leased(step, answer, expires_at, ("txn", &write)) {
-                    Leased::Wait(token, step) => {
-                        self.pending = Some(Pending::Retract {
-                            key,
-                            expires_at,
-                            step,
-                            then,
-                        });
-                        self.state = State::Waiting(token);
-                        Action::Pause
-                    }
-                    Leased::Written => {
-                        self.metrics.bump(Counter::EtcdRevocationsPublished);
-                        self.after_retract(then)
-                    }
-                    Leased::Failed(e) => self.retract_failed(&e),
+                let next = {
+                    let write = |lease| etcd::revoke(&prefix, &key, expires_at, lease);
+                    self.advance_leased(step, answer, expires_at, ("txn", &write))
                 };
-                (action, false)
+                (self.on_retract_step(key, expires_at, then, next), false)
             }
         };
         if action == Action::Continue {
