@@ -7,6 +7,7 @@ deps="$root/.deps"
 mkdir -p "$deps"
 
 idp_version=7.2.1
+etcd_version=3.4.23-4+b4  # Debian etcd-server, unpacked only: nothing is installed system-wide
 
 py_stamp="$deps/venv/.stamp"
 py_want=$(sha256sum "$root/tests/requirements.txt" | cut -d' ' -f1)
@@ -25,4 +26,21 @@ if [ "$(cat "$idp_stamp" 2>/dev/null)" != "$idp_version" ]; then
   echo "$idp_version" > "$idp_stamp"
 fi
 
+etcd_stamp="$deps/etcd/.stamp"
+if [ "$(cat "$etcd_stamp" 2>/dev/null)" != "$etcd_version" ]; then
+  echo "deps: etcd-server $etcd_version (Debian package, unpacked) -> .deps/etcd"
+  tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
+  # Downloading as root, apt warns that it runs "unsandboxed"; root is who we are, so say so.
+  download() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "etcd-server=$etcd_version"); }
+  # A stale package list may not know the pin yet: refresh it once, then fail loudly.
+  download 2>/dev/null || { apt-get update -qq && download; } || {
+    echo "deps: apt-get download etcd-server=$etcd_version failed" >&2; exit 1; }
+  rm -rf "$deps/etcd"
+  dpkg-deb -x "$tmp"/etcd-server_*.deb "$deps/etcd"
+  echo "$etcd_version" > "$etcd_stamp"
+fi
+
+etcd_reported=$("$deps/etcd/usr/bin/etcd" --version | sed -n 1p)
+[ "$etcd_reported" = "etcd Version: 3.4.23" ] || { echo "deps: wrong etcd: $etcd_reported" >&2; exit 1; }
 "$deps/venv/bin/envoy" --version | grep -q '/1.40.0/' || { echo "deps: wrong Envoy version" >&2; exit 1; }

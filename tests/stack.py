@@ -6,6 +6,7 @@ ports). Every process logs to a file under the run directory so a failing test c
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import os
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DEPS = ROOT / ".deps"
 ENVOY_BIN = DEPS / "venv" / "bin" / "envoy"
 GUNICORN_BIN = DEPS / "venv" / "bin" / "gunicorn"
+ETCD_BIN = DEPS / "etcd" / "usr" / "bin" / "etcd"
 IDP_SCRIPT = ROOT / "tests" / "idp" / "server.js"
 WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
@@ -116,6 +118,66 @@ def start_httpbin(port: int, run_dir: Path) -> Process:
     p.port = port
     wait_for("httpbin", lambda: http_ok(f"http://127.0.0.1:{port}/get"), proc=p.proc)
     return p
+
+
+def start_etcd(port: int, run_dir: Path, data_dir: Path | None = None,
+               peer_port: int | None = None) -> Process:
+    """A one-member etcd on loopback, ready when its v3 JSON gateway answers a range. Pass the
+    `data_dir` and `peer_port` of a stopped one (`p.data_dir`, `p.peer_port`) to restart it
+    with its data."""
+    peer_port = peer_port or free_port()
+    data_dir = data_dir or run_dir / f"etcd-{port}.data"
+    client = f"http://127.0.0.1:{port}"
+    peer = f"http://127.0.0.1:{peer_port}"
+    argv = [str(ETCD_BIN), "--name", "default", "--data-dir", str(data_dir),
+            "--listen-client-urls", client, "--advertise-client-urls", client,
+            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+            "--initial-cluster", f"default={peer}"]
+    p = Process("etcd", argv, run_dir / f"etcd-{port}.log")
+    p.port, p.data_dir, p.peer_port = port, data_dir, peer_port
+    wait_for("etcd", lambda: etcd_call(port, "/v3/kv/range", {"key": _b64(b"ready")}) is not None,
+             proc=p.proc)
+    return p
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def etcd_call(port: int, path: str, body: dict, timeout: float = 5) -> dict:
+    """One POST to etcd's v3 JSON gateway (keys and values base64, int64s as strings)."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.load(r)
+
+
+def etcd_range_prefix(port: int, prefix: str) -> list[tuple[str, bytes, str]]:
+    """Every key under `prefix` ("" for all), as (key, value, lease id; "0" for none), in key
+    order."""
+    raw = prefix.encode()
+    # etcd's range is [key, range_end); "\0" to "\0" is the whole keyspace.
+    key, end = (raw, raw[:-1] + bytes([raw[-1] + 1])) if raw else (b"\0", b"\0")
+    reply = etcd_call(port, "/v3/kv/range", {"key": _b64(key), "range_end": _b64(end)})
+    return [(base64.b64decode(kv["key"]).decode(), base64.b64decode(kv.get("value", "")),
+             kv.get("lease", "0")) for kv in reply.get("kvs", [])]
+
+
+def etcd_put(port: int, key: str, value: bytes, lease: str | None = None) -> dict:
+    body = {"key": _b64(key.encode()), "value": _b64(value)}
+    if lease:
+        body["lease"] = lease
+    return etcd_call(port, "/v3/kv/put", body)
+
+
+def etcd_lease_ttl(port: int, lease_id: str) -> int:
+    """Seconds the lease has left (-1 once it has expired or never existed)."""
+    return int(etcd_call(port, "/v3/lease/timetolive", {"ID": lease_id})["TTL"])
+
+
+def etcd_cluster(port: int) -> dict:
+    """The Envoy cluster `etcd` the filter's etcd tier calls (HTTP/1.1, one loopback endpoint)."""
+    return static_cluster("etcd", port)
 
 
 def load_demo_config() -> dict:

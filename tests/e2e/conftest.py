@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,38 @@ def httpbin(run_dir):
     proc = _session_process(stack.start_httpbin, run_dir)
     yield proc
     proc.stop()
+
+
+@pytest.fixture(scope="session")
+def start_etcd(run_dir):
+    """Starts an etcd on a free port (or `port`); its log is printed when a test fails. To restart
+    a stopped one with its data: `start_etcd(old.port, data_dir=old.data_dir,
+    peer_port=old.peer_port)`. Whatever is still running (or frozen) stops at session end."""
+    started = []
+
+    def start(port=None, **options):
+        proc = stack.start_etcd(port or stack.free_port(), run_dir, **options)
+        started.append(proc)
+        if all(p.log != proc.log for p in _procs):  # a restart logs to the same file
+            _procs.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.alive():
+            os.kill(proc.proc.pid, signal.SIGCONT)  # a test may have frozen it
+        proc.stop()
+
+
+@pytest.fixture(scope="module")
+def recording_idp(run_dir, request):
+    """An IdP of the test module's own that records the revocation requests it receives."""
+    record = run_dir / f"revocations-{request.module.__name__}.jsonl"
+    idp = stack.start_idp(stack.free_port(), run_dir, record=record)
+    idp.record = record
+    _procs.append(idp)
+    yield idp
+    idp.stop()
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import time
 from dataclasses import dataclass
 
 import jwt
@@ -151,3 +152,20 @@ class StatDelta:
 
     def split_token(self, name: str) -> int:
         return self[f"wasmcustom.split_token.{name}"]
+
+
+def revocations(idp) -> list[dict]:
+    try:
+        return [json.loads(line) for line in idp.record.read_text().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def revocations_since(idp, before: int, expected: int) -> list[dict]:
+    """The requests recorded after the first `before`, once `expected` of them have arrived
+    (the IdP writes its record after answering)."""
+    if expected:
+        stack.wait_for("recorded revocations", lambda: len(revocations(idp)) >= before + expected)
+    else:
+        time.sleep(0.3)
+    return revocations(idp)[before:]

@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 import stack
 from conftest import BASE_FILTER
-from helpers import PROTECTED, StatDelta, claims_of, forwarded_authorization
+from helpers import (PROTECTED, StatDelta, claims_of, forwarded_authorization, revocations,
+                     revocations_since)
 
 LIFECYCLE = {
     **BASE_FILTER,
@@ -29,38 +30,11 @@ LIFECYCLE = {
 
 
 @pytest.fixture(scope="module")
-def recording_idp(run_dir):
-    """An IdP of this module's own that records the revocation requests it receives."""
-    record = run_dir / f"revocations-{os.getpid()}.jsonl"
-    idp = stack.start_idp(stack.free_port(), run_dir, record=record)
-    idp.record = record
-    yield idp
-    idp.stop()
-
-
-@pytest.fixture(scope="module")
 def gw(start_gateway, recording_idp):
     # Two workers: a revocation must reach the cache of the worker that did not handle it.
     introspect_route = {"match": {"path": "/auth/introspect"}, "direct_response": {"status": 404}}
     return start_gateway(LIFECYCLE, concurrency=2, name="envoy-lifecycle", idp_port=recording_idp.port,
                          extra_routes=[introspect_route])
-
-
-def revocations(idp) -> list[dict]:
-    try:
-        return [json.loads(line) for line in idp.record.read_text().splitlines()]
-    except FileNotFoundError:
-        return []
-
-
-def revocations_since(idp, before: int, expected: int) -> list[dict]:
-    """The requests recorded after the first `before`, once `expected` of them have arrived
-    (the IdP writes its record after answering)."""
-    if expected:
-        stack.wait_for("recorded revocations", lambda: len(revocations(idp)) >= before + expected)
-    else:
-        time.sleep(0.3)
-    return revocations(idp)[before:]
 
 
 def full_jwt(gw, token: str) -> str:

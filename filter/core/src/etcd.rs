@@ -9,18 +9,20 @@
 //! - `<key_prefix>t/<hex SHA-256(signature)>` = `<expires_at>:<header.payload>`, under a lease
 //!   that ends with the token's expiry bucket. Like shared data, etcd never holds a signature,
 //!   so a dump of it holds no usable credential.
-//! - `<key_prefix>r/<hex SHA-256(signature)>` = `<expires_at>`: a revocation marker, written in
-//!   the transaction that deletes the token, under a lease of the same kind: it lives as long
-//!   as the token would have.
+//! - `<key_prefix>r/<written, Unix ms, 13 digits>/<hex SHA-256(signature)>` = `<expires_at>`: a
+//!   revocation marker, written in the transaction that deletes the token, under a lease of the
+//!   same kind: it lives as long as the token would have. Markers sort by when they were written.
 //!
 //! # Flow
 //! - Issuance writes the token before the client gets it (fail closed: a 503 if etcd fails), so
 //!   a token a client holds is known to every replica.
 //! - A signature a replica does not hold is read from etcd once ([`miss_key`]), then stored
 //!   locally ([`adopt`]).
-//! - A revocation deletes the token and writes its marker. Every worker of every replica asks
-//!   for markers newer than the last revision it saw ([`poll`]) every `poll_ms`, and forgets
-//!   those tokens ([`apply_markers`]).
+//! - A revocation deletes the token and writes its marker. Every worker of every replica sweeps
+//!   the markers written since its last sweep began, less [`SWEEP_SLACK_MS`] ([`Sweeps`]), every
+//!   `poll_ms`, and forgets those tokens ([`apply_markers`]). A sweep reads only recent markers,
+//!   whatever the number of live ones, and does not depend on etcd's revisions, which start over
+//!   when etcd is restored from a backup.
 
 use crate::config::Config;
 use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
@@ -36,6 +38,10 @@ use std::fmt;
 
 /// Markers asked for per poll; more come with the next call at once.
 pub const POLL_LIMIT: u32 = 1000;
+/// A sweep starts this long before the previous one began, so a marker whose writer's clock runs
+/// behind this worker's, or that took a while to commit, is still read. Replica clocks must agree
+/// within a few seconds (NTP).
+pub const SWEEP_SLACK_MS: u64 = 10_000;
 /// How long a worker remembers a revocation it polled, to refuse a read of that token from
 /// etcd that raced the revocation (a read takes at most `timeout_ms`, at most 60 s).
 pub const RECENT_SECONDS: u64 = 120;
@@ -63,9 +69,9 @@ pub fn token_key(prefix: &str, key: &StoreKey) -> String {
     format!("{prefix}t/{}", key.to_hex())
 }
 
-/// The etcd key of a token's revocation marker.
-pub fn marker_key(prefix: &str, key: &StoreKey) -> String {
-    format!("{prefix}r/{}", key.to_hex())
+/// The etcd key of a token's revocation marker written at `written_ms` (Unix milliseconds).
+pub fn marker_key(prefix: &str, key: &StoreKey, written_ms: u64) -> String {
+    format!("{prefix}r/{written_ms:013}/{}", key.to_hex())
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -114,14 +120,14 @@ pub fn get_token(prefix: &str, key: &StoreKey) -> Call {
 }
 
 /// Deletes a token and writes its revocation marker, in one transaction.
-pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64) -> Call {
+pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64, now_ms: u64) -> Call {
     call(
         "txn",
         "/v3/kv/txn",
         &json!({ "success": [
             { "request_delete_range": { "key": b64(token_key(prefix, key).as_bytes()) } },
             { "request_put": {
-                "key": b64(marker_key(prefix, key).as_bytes()),
+                "key": b64(marker_key(prefix, key, now_ms).as_bytes()),
                 "value": b64(expires_at.to_string().as_bytes()),
                 "lease": lease.to_string(),
             } },
@@ -129,20 +135,17 @@ pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64) -> Call
     )
 }
 
-/// Asks for the revocation markers written at `from_revision` or later, oldest first.
-pub fn poll(prefix: &str, from_revision: u64) -> Call {
-    // Every key under `<prefix>r/`: the range ends at `<prefix>r0` ('0' follows '/').
+/// Asks for the revocation markers from `start_key` on, in key order: oldest first.
+pub fn poll(prefix: &str, start_key: &str) -> Call {
+    // The range ends at `<prefix>r0` ('0' follows '/'): every marker, and nothing else.
     call(
         "poll",
         "/v3/kv/range",
         &json!({
-            "key": b64(format!("{prefix}r/").as_bytes()),
+            "key": b64(start_key.as_bytes()),
             "range_end": b64(format!("{prefix}r0").as_bytes()),
-            "min_mod_revision": from_revision.to_string(),
             "keys_only": true,
             "limit": POLL_LIMIT.to_string(),
-            "sort_target": "MOD",
-            "sort_order": "ASCEND",
         }),
     )
 }
@@ -199,11 +202,9 @@ struct ErrorAnswer {
     message: Option<String>,
 }
 
+/// Every etcd answer has one; its content is not needed.
 #[derive(Deserialize)]
-struct Header {
-    #[serde(default)]
-    revision: Option<String>,
-}
+struct Header {}
 
 #[derive(Deserialize)]
 struct GrantAnswer {
@@ -226,8 +227,6 @@ struct Kv {
     key: Option<String>,
     #[serde(default)]
     value: Option<String>,
-    #[serde(default)]
-    mod_revision: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -270,11 +269,6 @@ fn answer<'a, T: Deserialize<'a>>(
         call,
         reason: "the answer is not the JSON etcd sends",
     })
-}
-
-fn number(call: &'static str, text: Option<&str>, what: &'static str) -> Result<u64, EtcdError> {
-    text.and_then(|t| t.parse().ok())
-        .ok_or(EtcdError::BadAnswer { call, reason: what })
 }
 
 /// The lease id of a grant.
@@ -366,59 +360,97 @@ pub fn parse_get(status: Option<&[u8]>, body: &[u8]) -> Result<Option<Fetched>, 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Markers {
     pub keys: Vec<StoreKey>,
-    /// The `from_revision` of the next poll.
-    pub next_revision: u64,
-    /// More markers are waiting: poll again at once.
-    pub more: bool,
+    /// When etcd has more: the last key of this page, to continue after.
+    pub more_after: Option<String>,
 }
 
 /// The markers of a [`poll`] answer. Keys under the prefix that are not markers are skipped.
-pub fn parse_poll(
-    prefix: &str,
-    from_revision: u64,
-    status: Option<&[u8]>,
-    body: &[u8],
-) -> Result<Markers, EtcdError> {
+pub fn parse_poll(prefix: &str, status: Option<&[u8]>, body: &[u8]) -> Result<Markers, EtcdError> {
     const CALL: &str = "poll";
     let range: RangeAnswer = answer(CALL, status, body)?;
-    let revision = number(
-        CALL,
-        range.header.as_ref().and_then(|h| h.revision.as_deref()),
-        "no revision in the answer",
-    )?;
+    if range.header.is_none() {
+        return Err(EtcdError::BadAnswer {
+            call: CALL,
+            reason: "no header in the answer",
+        });
+    }
     let marker_prefix = format!("{prefix}r/");
     let mut keys = Vec::with_capacity(range.kvs.len());
     let mut last = None;
     for kv in &range.kvs {
-        last = Some(number(
-            CALL,
-            kv.mod_revision.as_deref(),
-            "a key without mod_revision",
-        )?);
         let name = kv
             .key
             .as_deref()
             .and_then(|k| STANDARD.decode(k).ok())
-            .and_then(|k| String::from_utf8(k).ok());
-        if let Some(key) = name
-            .as_deref()
-            .and_then(|n| n.strip_prefix(&marker_prefix))
-            .and_then(StoreKey::from_hex)
-        {
+            .and_then(|k| String::from_utf8(k).ok())
+            .ok_or(EtcdError::BadAnswer {
+                call: CALL,
+                reason: "a key is not base64 of text",
+            })?;
+        let marker = name
+            .strip_prefix(&marker_prefix)
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(written, _)| {
+                written.len() == 13 && written.bytes().all(|b| b.is_ascii_digit())
+            })
+            .and_then(|(_, hex)| StoreKey::from_hex(hex));
+        if let Some(key) = marker {
             keys.push(key);
         }
+        last = Some(name);
     }
-    // Paged: continue after the last marker seen. Whole: everything up to the answer's
-    // revision has been seen (reads are linearizable).
-    let next_revision = match last {
-        Some(last) if range.more => last + 1,
-        _ => revision.saturating_add(1).max(from_revision),
-    };
     Ok(Markers {
         keys,
-        next_revision,
-        more: range.more,
+        more_after: last.filter(|_| range.more),
     })
+}
+
+/// Where a worker's revocation sweeps stand.
+#[derive(Debug, Default)]
+pub struct Sweeps {
+    /// When the last complete sweep began (Unix ms); 0 before the first, which reads every
+    /// live marker.
+    since_ms: u64,
+    /// The sweep under way: when it began, and the key its next page starts at.
+    current: Option<(u64, String)>,
+}
+
+impl Sweeps {
+    /// The next poll: the next page of the sweep under way, or a new sweep beginning at `now_ms`.
+    pub fn next_call(&mut self, prefix: &str, now_ms: u64) -> Call {
+        let since = self.since_ms;
+        let (_, start) = self.current.get_or_insert_with(|| {
+            let from = if since == 0 {
+                0
+            } else {
+                since.saturating_sub(SWEEP_SLACK_MS)
+            };
+            (now_ms, format!("{prefix}r/{from:013}"))
+        });
+        poll(prefix, start)
+    }
+
+    /// Records markers that were applied. Returns whether the sweep has more pages.
+    pub fn advance(&mut self, markers: &Markers) -> bool {
+        match (&markers.more_after, self.current.as_mut()) {
+            (Some(last), Some((_, start))) => {
+                // The smallest key after `last`.
+                *start = format!("{last}\0");
+                true
+            }
+            _ => {
+                if let Some((began, _)) = self.current.take() {
+                    self.since_ms = began;
+                }
+                false
+            }
+        }
+    }
+
+    /// Drops the sweep under way (a failed poll): the next one starts from the same point.
+    pub fn abandon(&mut self) {
+        self.current = None;
+    }
 }
 
 /// The key to look for in etcd after a request was refused as unknown here: the presented
@@ -517,10 +549,14 @@ pub fn apply_markers<H: SharedData>(
 ) -> Result<u32, StoreError> {
     let mut removed = 0;
     for key in markers {
-        recent.insert(*key, now);
+        // Sweeps overlap: a marker this worker applied lately is not applied again.
+        if recent.contains(key) {
+            continue;
+        }
         if store.remove(key)? {
             removed += 1;
         }
+        recent.insert(*key, now);
     }
     if removed > 0 {
         store.bump_epoch()?;
@@ -607,7 +643,10 @@ mod tests {
         assert_eq!(StoreKey::from_hex(&hex[1..]), None);
         assert_eq!(StoreKey::from_hex(&format!("+{}", &hex[1..])), None);
         assert_eq!(token_key("p/", &key()), format!("p/t/{hex}"));
-        assert_eq!(marker_key("p/", &key()), format!("p/r/{hex}"));
+        assert_eq!(
+            marker_key("p/", &key(), 1_764_000_000_123),
+            format!("p/r/1764000000123/{hex}")
+        );
         let entry = Entry {
             key: key(),
             expires_at: 1_900_000_000,
@@ -619,7 +658,7 @@ mod tests {
         assert_eq!(unb64(&b["key"]), format!("p/t/{hex}"));
         assert_eq!(unb64(&b["value"]), format!("1900000000:{HP}"));
         assert_eq!(b["lease"], "42");
-        for call in [put, get_token("p/", &key()), revoke("p/", &key(), 9, 42)] {
+        for call in [put, get_token("p/", &key()), revoke("p/", &key(), 9, 42, 1)] {
             let text = String::from_utf8(call.body.clone()).unwrap();
             assert!(!text.contains(SIG) && !text.contains(&b64(SIG.as_bytes())));
             assert!(!format!("{call:?}").contains("eyJ"));
@@ -628,7 +667,7 @@ mod tests {
 
     #[test]
     fn revocation_deletes_the_token_and_writes_its_marker_in_one_transaction() {
-        let b = body(&revoke("p/", &key(), 77, 5));
+        let b = body(&revoke("p/", &key(), 77, 5, 1_000));
         let ops = b["success"].as_array().unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(
@@ -636,23 +675,40 @@ mod tests {
             token_key("p/", &key())
         );
         let put = &ops[1]["request_put"];
-        assert_eq!(unb64(&put["key"]), marker_key("p/", &key()));
+        assert_eq!(unb64(&put["key"]), marker_key("p/", &key(), 1_000));
         assert_eq!(unb64(&put["value"]), "77");
         assert_eq!(put["lease"], "5");
         assert!(b.get("compare").is_none());
     }
 
     #[test]
-    fn poll_asks_for_markers_since_a_revision_oldest_first() {
-        let b = body(&poll("p/", 17));
-        assert_eq!(unb64(&b["key"]), "p/r/");
-        assert_eq!(unb64(&b["range_end"]), "p/r0");
-        assert_eq!(b["min_mod_revision"], "17");
-        assert_eq!(b["keys_only"], true);
+    fn a_first_sweep_reads_every_marker_and_later_ones_only_recent_markers() {
+        let mut sweeps = Sweeps::default();
+        let first = body(&sweeps.next_call("p/", 50_000));
+        assert_eq!(unb64(&first["key"]), "p/r/0000000000000");
+        assert_eq!(unb64(&first["range_end"]), "p/r0");
+        assert_eq!(first["keys_only"], true);
+        assert!(first.get("sort_target").is_none() && first.get("min_mod_revision").is_none());
+        let page = |keys: Vec<StoreKey>, more_after: Option<&str>| Markers {
+            keys,
+            more_after: more_after.map(str::to_owned),
+        };
+        // Paged: the next call continues right after the last key, within the same sweep.
+        let last = format!("p/r/0000000040000/{}", key().to_hex());
+        assert!(sweeps.advance(&page(vec![key()], Some(&last))));
+        let next = body(&sweeps.next_call("p/", 50_100));
+        assert_eq!(unb64(&next["key"]), format!("{last}\0"));
+        assert!(!sweeps.advance(&page(vec![], None)));
+        // The next sweep starts where the last one began, less the slack.
+        let later = body(&sweeps.next_call("p/", 60_000));
         assert_eq!(
-            (b["sort_target"].as_str(), b["sort_order"].as_str()),
-            (Some("MOD"), Some("ASCEND"))
+            unb64(&later["key"]),
+            format!("p/r/{:013}", 50_000 - SWEEP_SLACK_MS)
         );
+        // A failed poll drops the sweep: the next one starts from the same point.
+        sweeps.abandon();
+        let retry = body(&sweeps.next_call("p/", 70_000));
+        assert_eq!(unb64(&retry["key"]), unb64(&later["key"]));
     }
 
     fn kv(key: &str, value: Option<&str>, rev: u64) -> serde_json::Value {
@@ -746,26 +802,25 @@ mod tests {
     }
 
     #[test]
-    fn polls_page_through_markers_and_skip_foreign_keys() {
+    fn polls_read_marker_keys_and_skip_foreign_keys() {
         let hex = key().to_hex();
         let page = json!({"header": {"revision": "40"}, "more": true, "kvs": [
-            kv(&format!("p/r/{hex}"), None, 12),
-            kv("p/r/not-a-hash", None, 13),
+            kv(&format!("p/r/0000000001000/{hex}"), None, 12),
+            kv("p/r/0000000001000/not-a-hash", None, 13),
+            kv(&format!("p/r/1000/{hex}"), None, 14),
+            kv(&format!("p/r/{hex}"), None, 15),
         ]});
-        let m = parse_poll("p/", 10, Some(b"200"), page.to_string().as_bytes()).unwrap();
-        assert_eq!(
-            (m.keys.clone(), m.next_revision, m.more),
-            (vec![key()], 14, true)
-        );
-        let last =
-            json!({"header": {"revision": "40"}, "kvs": [kv(&format!("p/r/{hex}"), None, 30)]});
-        let m = parse_poll("p/", 14, Some(b"200"), last.to_string().as_bytes()).unwrap();
-        assert_eq!((m.next_revision, m.more), (41, false));
+        let m = parse_poll("p/", Some(b"200"), page.to_string().as_bytes()).unwrap();
+        assert_eq!(m.keys, vec![key()]);
+        assert_eq!(m.more_after.as_deref(), Some(&*format!("p/r/{hex}")));
+        let last = json!({"header": {"revision": "40"}, "kvs": [kv(&format!("p/r/0000000001000/{hex}"), None, 30)]});
+        let m = parse_poll("p/", Some(b"200"), last.to_string().as_bytes()).unwrap();
+        assert_eq!((m.keys.len(), m.more_after), (1, None));
         let none = json!({"header": {"revision": "40"}});
-        let m = parse_poll("p/", 0, Some(b"200"), none.to_string().as_bytes()).unwrap();
-        assert_eq!((m.keys.len(), m.next_revision), (0, 41));
-        assert!(parse_poll("p/", 0, Some(b"200"), b"{}").is_err());
-        assert!(parse_poll("p/", 0, None, b"").is_err());
+        let m = parse_poll("p/", Some(b"200"), none.to_string().as_bytes()).unwrap();
+        assert!(m.keys.is_empty());
+        assert!(parse_poll("p/", Some(b"200"), b"{}").is_err());
+        assert!(parse_poll("p/", None, b"").is_err());
     }
 
     fn config(etcd: bool) -> Config {

@@ -40,7 +40,6 @@ fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
-/// Seconds since the Unix epoch by the host's clock.
 /// Time since the Unix epoch by the host's clock (zero if it cannot be read).
 fn clock() -> Duration {
     hostcalls::get_current_time()
@@ -51,6 +50,10 @@ fn clock() -> Duration {
 
 fn now() -> u64 {
     clock().as_secs()
+}
+
+fn now_ms() -> u64 {
+    u64::try_from(clock().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Starts one GET of a key fetch through the configured cluster.
@@ -175,9 +178,9 @@ struct SplitTokenRoot {
     leases: Rc<RefCell<Leases>>,
     /// Revocations this worker polled lately, shared with its HTTP contexts.
     recent: Rc<RefCell<RecentRevocations>>,
-    /// The revocation poll: the call under way, where the next one starts, when the last began.
+    /// The revocation poll: the call under way, where sweeps stand, when the last poll began.
     poll: Option<u32>,
-    next_revision: u64,
+    sweeps: etcd::Sweeps,
     last_poll: Duration,
     poll_failing: bool,
 }
@@ -223,7 +226,7 @@ impl SplitTokenRoot {
             return;
         };
         self.last_poll = clock();
-        let call = etcd::poll(&etcd_config.key_prefix, self.next_revision);
+        let call = self.sweeps.next_call(&etcd_config.key_prefix, now_ms());
         match dispatch_etcd(etcd_config, &call) {
             Ok(token) => self.poll = Some(token),
             Err(e) => self.poll_failed(&e),
@@ -231,6 +234,7 @@ impl SplitTokenRoot {
     }
 
     fn poll_failed(&mut self, e: &EtcdError) {
+        self.sweeps.abandon();
         self.metrics.bump(Counter::EtcdFailures);
         if !self.poll_failing {
             // Once per outage: a poll runs every `poll_ms` on every worker.
@@ -248,12 +252,7 @@ impl SplitTokenRoot {
             return;
         };
         let (status, body) = call_answer(num_headers, body_size);
-        let markers = match etcd::parse_poll(
-            &etcd_config.key_prefix,
-            self.next_revision,
-            status.as_deref(),
-            &body,
-        ) {
+        let markers = match etcd::parse_poll(&etcd_config.key_prefix, status.as_deref(), &body) {
             Ok(markers) => markers,
             Err(e) => return self.poll_failed(&e),
         };
@@ -272,13 +271,15 @@ impl SplitTokenRoot {
         match applied {
             Ok(removed) => {
                 self.metrics.add(Counter::EtcdRevocationsApplied, removed);
-                self.next_revision = markers.next_revision;
-                if markers.more {
+                if self.sweeps.advance(&markers) {
                     self.start_poll();
                 }
             }
-            // The revision stays: the next poll brings these markers again.
-            Err(e) => log(LogLevel::Error, &format!("cannot apply revocations: {e}")),
+            // The next sweep starts from the same point and brings these markers again.
+            Err(e) => {
+                self.sweeps.abandon();
+                log(LogLevel::Error, &format!("cannot apply revocations: {e}"));
+            }
         }
     }
 }
@@ -373,9 +374,9 @@ impl RootContext for SplitTokenRoot {
                 if let Some(etcd_config) = &config.etcd {
                     self.leases =
                         Rc::new(RefCell::new(Leases::new(etcd_config.lease_bucket_seconds)));
-                    // From revision 0: every live marker, so a new or reloaded VM misses none.
+                    // The first sweep reads every live marker, so a new or reloaded VM misses none.
                     self.poll = None;
-                    self.next_revision = 0;
+                    self.sweeps = etcd::Sweeps::default();
                     self.last_poll = Duration::ZERO;
                     let poll = Duration::from_millis(etcd_config.poll_ms);
                     tick = Some(tick.map_or(poll, |t: Duration| t.min(poll)));
@@ -959,7 +960,8 @@ impl SplitTokenHttp {
             return self.after_retract(then);
         };
         let prefix = etcd_config.key_prefix.clone();
-        let write = move |lease| etcd::revoke(&prefix, &key, expires_at, lease);
+        let now_ms = now_ms();
+        let write = move |lease| etcd::revoke(&prefix, &key, expires_at, lease, now_ms);
         let step = self.start_leased(expires_at, false, &write);
         self.on_retract_step(key, expires_at, then, step)
     }
@@ -1312,7 +1314,8 @@ impl Context for SplitTokenHttp {
             } => {
                 let answer = call_answer(num_headers, body_size);
                 let next = {
-                    let write = |lease| etcd::revoke(&prefix, &key, expires_at, lease);
+                    let now_ms = now_ms();
+                    let write = |lease| etcd::revoke(&prefix, &key, expires_at, lease, now_ms);
                     self.advance_leased(step, answer, expires_at, ("txn", &write))
                 };
                 (self.on_retract_step(key, expires_at, then, next), false)
