@@ -35,8 +35,14 @@ REPLICATED = {
     **BASE_FILTER,
     "revocation_paths": ["/auth/revoke"],
     "logout_paths": ["/auth/logout"],
+    "claims_to_headers": [{"claim": "sub", "header": "x-user-id"}],
     "etcd": {"cluster": "etcd"},  # everything else at its default
 }
+# A route chosen by a client-sent identity header: the filter must make Envoy route again on the
+# header it set, also when the request waited for etcd.
+SPOOF_ROUTE = {"match": {"prefix": "/basic-protected-api/",
+                         "headers": [{"name": "x-user-id", "string_match": {"exact": "spoofed"}}]},
+               "direct_response": {"status": 418, "body": {"inline_string": "routed on a spoofed header"}}}
 
 # Every signature a client of this module was given: none may ever be found in etcd.
 ISSUED: list[str] = []
@@ -59,7 +65,7 @@ def start_replicas(start_gateway, recording_idp):
 
     def start(names: list[str], etcd, settings: dict = REPLICATED) -> list[Gateway]:
         gateways = [start_gateway(settings, concurrency=2, name=name, wait=False,
-                                  idp_port=recording_idp.port,
+                                  idp_port=recording_idp.port, extra_routes=[SPOOF_ROUTE],
                                   extra_clusters=[stack.etcd_cluster(etcd.port)])
                     for name in names]
         for gw in gateways:
@@ -245,6 +251,36 @@ def test_expired_token_still_in_etcd_is_refused(abc, etcd):
     assert d["cluster.httpbin.upstream_rq_total"] == 0
 
 
+def test_a_request_with_a_body_waits_for_etcd(abc):
+    """The first call on a replica waits for etcd with its body held: an unknown signature never
+    reaches the upstream, body or not, and a known one arrives with its body intact."""
+    a, b, _ = abc
+    body = b"x" * 100_000
+    for size in (43, 342):
+        with StatDelta(b) as d:
+            r = requests.post(b.url + "/basic-protected-api/anything", data=body, timeout=10,
+                              headers={"Authorization": f"Bearer {random_signature(size * 3 // 4)}"})
+        assert r.status_code == 401, f"{r.status_code} {r.text[:300]}"
+        assert d.split_token("etcd.not_found") == 1
+        assert d["cluster.httpbin.upstream_rq_total"] == 0
+    token = issue(a)
+    r = requests.post(b.url + "/basic-protected-api/anything", data=body, timeout=10,
+                      headers={"Authorization": f"Bearer {token}"})
+    assert r.status_code == 200, f"{r.status_code} {r.text[:300]}"
+    echoed = r.json()
+    assert echoed["data"] == body.decode()
+    assert echoed["headers"]["Authorization"] == f"Bearer {full_jwt(a, token)}"
+
+
+def test_route_follows_the_identity_the_filter_set_after_an_etcd_lookup(abc):
+    a, b, _ = abc
+    token = issue(a)
+    sub = claims_of(full_jwt(a, token))["sub"]
+    r = b.call(f"Bearer {token}", headers={"x-user-id": "spoofed"})  # B reads etcd first
+    assert r.status_code == 200, f"{r.status_code} {r.text[:300]}"
+    assert r.json()["headers"]["X-User-Id"] == sub
+
+
 def test_unknown_signature_is_looked_up_and_refused(abc):
     _, b, _ = abc
     unknown = [random_signature(32), random_signature(256)]  # HS256- and RS256-sized
@@ -360,6 +396,8 @@ def test_with_etcd_down_the_filter_fails_closed(start_etcd, start_replicas):
             print(f"B's answer: {r.text}")
             if revoke_too:
                 assert_unavailable(revoke(a, held))
+                # Not written to etcd, so revoked nowhere: not on A alone either.
+                assert a.call(f"Bearer {held}").status_code == 200
         assert da.split_token("etcd.failures") >= 1 and db.split_token("etcd.failures") >= 1
         assert da.split_token("etcd.published") == 0
         assert db["cluster.httpbin.upstream_rq_total"] == 0
@@ -382,12 +420,14 @@ def test_with_etcd_down_the_filter_fails_closed(start_etcd, start_replicas):
     assert b.call(f"Bearer {fresh}").status_code == 200
     # Issued before the outage and never revoked: still known to every replica.
     assert b.call(f"Bearer {held}").status_code == 200
-    # Polling has recovered too: a revocation on A reaches B.
+    # Polling has recovered too: revocations on A, the one refused earlier included, reach B.
     hold(fresh, b)
     assert revoke(a, fresh).status_code == 200
+    assert revoke(a, held).status_code == 200
     revoked_at = time.monotonic()
     after_propagation(revoked_at)
     assert_refused(fresh, a, b)
+    assert_refused(held, a, b)
     assert_no_signature_in(etcd)
     etcd.stop()
 

@@ -87,6 +87,8 @@ struct RawEtcd {
     poll_ms: u64,
     #[serde(default = "defaults::etcd_lease_bucket_seconds")]
     lease_bucket_seconds: u64,
+    #[serde(default = "defaults::etcd_max_pending_lookups")]
+    max_pending_lookups: u32,
 }
 
 #[derive(Debug, Deserialize)]
@@ -197,6 +199,9 @@ mod defaults {
     pub fn etcd_lease_bucket_seconds() -> u64 {
         60
     }
+    pub fn etcd_max_pending_lookups() -> u32 {
+        256
+    }
 }
 
 /// Where verification keys come from.
@@ -247,6 +252,8 @@ pub struct EtcdConfig {
     pub poll_ms: u64,
     /// Width of the expiry buckets that share one lease.
     pub lease_bucket_seconds: u64,
+    /// etcd reads of unknown signatures one worker may have under way; more get a 503.
+    pub max_pending_lookups: u32,
 }
 
 /// A validated filter configuration.
@@ -669,7 +676,17 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
             ),
         ));
     }
+    if !(1..=100_000).contains(&raw.max_pending_lookups) {
+        return Err(invalid(
+            "etcd.max_pending_lookups",
+            format!(
+                "must be between 1 and 100000, got {}",
+                raw.max_pending_lookups
+            ),
+        ));
+    }
     Ok(EtcdConfig {
+        max_pending_lookups: raw.max_pending_lookups,
         cluster: raw.cluster,
         authority,
         key_prefix: raw.key_prefix,
@@ -1009,6 +1026,10 @@ mod tests {
             (
                 r#"{"cluster": "e", "lease_bucket_seconds": 0}"#,
                 "etcd.lease_bucket_seconds",
+            ),
+            (
+                r#"{"cluster": "e", "max_pending_lookups": 0}"#,
+                "etcd.max_pending_lookups",
             ),
         ];
         for (etcd, field) in cases {

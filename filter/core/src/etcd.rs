@@ -38,10 +38,17 @@ use std::fmt;
 
 /// Markers asked for per poll; more come with the next call at once.
 pub const POLL_LIMIT: u32 = 1000;
-/// A sweep starts this long before the previous one began, so a marker whose writer's clock runs
-/// behind this worker's, or that took a while to commit, is still read. Replica clocks must agree
-/// within a few seconds (NTP).
+/// A sweep starts this long, plus twice `timeout_ms` ([`sweep_slack_ms`]), before the previous
+/// one began, so a marker whose writer's clock runs behind this worker's, or that took a while
+/// to commit, is still read. Replica clocks must agree within a few seconds (NTP).
 pub const SWEEP_SLACK_MS: u64 = 10_000;
+
+/// The slack of sweeps for calls that time out after `timeout_ms`: a marker is stamped when its
+/// write is sent and may commit up to a timeout later (or, when etcd applies a write the filter
+/// gave up on, about another).
+pub fn sweep_slack_ms(timeout_ms: u64) -> u64 {
+    SWEEP_SLACK_MS.saturating_add(timeout_ms.saturating_mul(2))
+}
 /// How long a worker remembers a revocation it polled, to refuse a read of that token from
 /// etcd that raced the revocation (a read takes at most `timeout_ms`, at most 60 s).
 pub const RECENT_SECONDS: u64 = 120;
@@ -155,6 +162,8 @@ pub fn poll(prefix: &str, start_key: &str) -> Call {
 pub enum EtcdError {
     /// No answer: the connection failed, was reset, or the call timed out.
     NoAnswer { call: &'static str },
+    /// Envoy refused to start the call (an unknown cluster, say): the host's status.
+    NotDispatched { call: &'static str, status: u32 },
     /// etcd answered with an error status.
     Refused {
         call: &'static str,
@@ -181,6 +190,10 @@ impl fmt::Display for EtcdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::NoAnswer { call } => write!(f, "etcd {call}: no answer (down or timed out)"),
+            Self::NotDispatched { call, status } => write!(
+                f,
+                "etcd {call}: Envoy did not start the call (host status {status}; is the cluster defined?)"
+            ),
             Self::Refused {
                 call,
                 status,
@@ -327,6 +340,12 @@ impl fmt::Debug for Fetched {
 pub fn parse_get(status: Option<&[u8]>, body: &[u8]) -> Result<Option<Fetched>, EtcdError> {
     const CALL: &str = "range";
     let range: RangeAnswer = answer(CALL, status, body)?;
+    if range.header.is_none() {
+        return Err(EtcdError::BadAnswer {
+            call: CALL,
+            reason: "no header in the answer",
+        });
+    }
     let Some(kv) = range.kvs.first() else {
         return Ok(None);
     };
@@ -411,26 +430,45 @@ pub struct Sweeps {
     /// When the last complete sweep began (Unix ms); 0 before the first, which reads every
     /// live marker.
     since_ms: u64,
+    slack_ms: u64,
     /// The sweep under way: when it began, and the key its next page starts at.
     current: Option<(u64, String)>,
 }
 
 impl Sweeps {
+    /// Sweeps with this slack ([`sweep_slack_ms`]), the first from `since_ms` (0: every live
+    /// marker; or the [`Watermark`] of the store, whose markers are applied up to there).
+    pub fn new(slack_ms: u64, since_ms: u64) -> Self {
+        Self {
+            since_ms,
+            slack_ms,
+            current: None,
+        }
+    }
+
+    /// When the last complete sweep began (Unix ms): every marker written before, less the
+    /// slack, has been applied.
+    pub fn since_ms(&self) -> u64 {
+        self.since_ms
+    }
+
     /// The next poll: the next page of the sweep under way, or a new sweep beginning at `now_ms`.
     pub fn next_call(&mut self, prefix: &str, now_ms: u64) -> Call {
         let since = self.since_ms;
+        let slack = self.slack_ms;
         let (_, start) = self.current.get_or_insert_with(|| {
             let from = if since == 0 {
                 0
             } else {
-                since.saturating_sub(SWEEP_SLACK_MS)
+                since.saturating_sub(slack)
             };
             (now_ms, format!("{prefix}r/{from:013}"))
         });
         poll(prefix, start)
     }
 
-    /// Records markers that were applied. Returns whether the sweep has more pages.
+    /// Records markers that were applied. Returns whether the sweep has more pages; when it has
+    /// none, [`Sweeps::since_ms`] moved on.
     pub fn advance(&mut self, markers: &Markers) -> bool {
         match (&markers.more_after, self.current.as_mut()) {
             (Some(last), Some((_, start))) => {
@@ -450,6 +488,43 @@ impl Sweeps {
     /// Drops the sweep under way (a failed poll): the next one starts from the same point.
     pub fn abandon(&mut self) {
         self.current = None;
+    }
+}
+
+/// Where the sweeps of a store stand, kept in shared data next to the store: a new or reloaded
+/// VM (every listener update reloads the configuration) starts sweeping from there instead of
+/// reading every live marker again. Markers act on the shared store, so any worker's complete
+/// sweep counts for all of them.
+pub struct Watermark {
+    key: String,
+}
+
+impl Watermark {
+    /// The watermark of the store under `store_prefix` for markers under `key_prefix`.
+    pub fn new(store_prefix: &str, key_prefix: &str) -> Self {
+        Self {
+            key: format!("{store_prefix}etcd-swept/{key_prefix}"),
+        }
+    }
+
+    /// The last recorded sweep start (Unix ms); 0 when none (a new store).
+    pub fn load<H: SharedData>(&self, host: &H) -> u64 {
+        host.get(&self.key)
+            .ok()
+            .and_then(|(value, _)| <[u8; 8]>::try_from(value.as_slice()).ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    /// Records `since_ms` unless a later sweep was recorded. One compare-and-swap: a lost race
+    /// means another worker recorded a sweep just now, which serves as well.
+    pub fn save<H: SharedData>(&self, host: &H, since_ms: u64) {
+        let Ok((value, cas)) = host.get(&self.key) else {
+            return;
+        };
+        let current = <[u8; 8]>::try_from(value.as_slice()).map_or(0, u64::from_be_bytes);
+        if since_ms > current {
+            let _ = host.set(&self.key, &since_ms.to_be_bytes(), cas);
+        }
     }
 }
 
@@ -548,20 +623,32 @@ pub fn apply_markers<H: SharedData>(
     now: u64,
 ) -> Result<u32, StoreError> {
     let mut removed = 0;
+    let mut failed = None;
     for key in markers {
         // Sweeps overlap: a marker this worker applied lately is not applied again.
         if recent.contains(key) {
             continue;
         }
-        if store.remove(key)? {
-            removed += 1;
+        match store.remove(key) {
+            Ok(true) => removed += 1,
+            Ok(false) => {}
+            Err(e) => {
+                // The rest waits for the next sweep, which reads these markers again.
+                failed = Some(e);
+                break;
+            }
         }
         recent.insert(*key, now);
     }
+    // Whatever was removed must leave every cache too, even when a later removal failed: the
+    // next sweep skips the markers applied here.
     if removed > 0 {
         store.bump_epoch()?;
     }
-    Ok(removed)
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
 }
 
 /// The leases a worker granted, one per expiry bucket: tokens expiring within the same
@@ -683,7 +770,7 @@ mod tests {
 
     #[test]
     fn a_first_sweep_reads_every_marker_and_later_ones_only_recent_markers() {
-        let mut sweeps = Sweeps::default();
+        let mut sweeps = Sweeps::new(SWEEP_SLACK_MS, 0);
         let first = body(&sweeps.next_call("p/", 50_000));
         assert_eq!(unb64(&first["key"]), "p/r/0000000000000");
         assert_eq!(unb64(&first["range_end"]), "p/r0");
@@ -709,6 +796,34 @@ mod tests {
         sweeps.abandon();
         let retry = body(&sweeps.next_call("p/", 70_000));
         assert_eq!(unb64(&retry["key"]), unb64(&later["key"]));
+        assert_eq!(sweeps.since_ms(), 50_000);
+        // Resumed from a watermark, with the slack of long timeouts.
+        assert_eq!(sweep_slack_ms(60_000), SWEEP_SLACK_MS + 120_000);
+        let mut resumed = Sweeps::new(sweep_slack_ms(1_000), 500_000);
+        let first = body(&resumed.next_call("p/", 600_000));
+        assert_eq!(
+            unb64(&first["key"]),
+            format!("p/r/{:013}", 500_000 - 12_000)
+        );
+    }
+
+    #[test]
+    fn the_watermark_only_moves_forward() {
+        let host = MemoryData::default();
+        let mark = Watermark::new("st/", "p/");
+        assert_eq!(mark.load(&host), 0);
+        mark.save(&host, 5_000);
+        mark.save(&host, 4_000);
+        assert_eq!(mark.load(&host), 5_000);
+        mark.save(&host, 6_000);
+        assert_eq!(mark.load(&host), 6_000);
+        assert_eq!(
+            Watermark::new("st/", "q/").load(&host),
+            0,
+            "one per key prefix"
+        );
+        host.raw_set("st/etcd-swept/p/", b"junk");
+        assert_eq!(mark.load(&host), 0);
     }
 
     fn kv(key: &str, value: Option<&str>, rev: u64) -> serde_json::Value {
@@ -923,6 +1038,46 @@ mod tests {
             "nothing removed, nothing to tell caches"
         );
         assert!(recent.contains(&a) && recent.contains(&absent));
+    }
+
+    #[test]
+    fn a_sweep_that_fails_midway_still_tells_caches_about_what_it_removed() {
+        let c = Config::from_json(br#"{"token_paths": ["/t"], "store_slots": 1024}"#).unwrap();
+        let host = MemoryData::default();
+        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
+        store.initialize().unwrap();
+        store.seed_epoch(1).unwrap();
+        store_token(&store, "sig-a", HP.as_bytes(), 100);
+        store_token(&store, "sig-b", HP.as_bytes(), 100);
+        let a = Signature::parse(b"sig-a").unwrap().store_key();
+        let b = Signature::parse(b"sig-b").unwrap().store_key();
+        let slot_b = store.slot_key(&b);
+        assert_ne!(store.slot_key(&a), slot_b);
+        {
+            // a's removal goes through; every write of b's slot loses its race.
+            let mut hooks = host.before_set.borrow_mut();
+            for _ in 0..crate::store::MAX_WRITE_ATTEMPTS {
+                let k = slot_b.clone();
+                hooks.push(Box::new(move |h: &MemoryData| {
+                    let (v, _) = h.get(&k).unwrap();
+                    h.raw_set(&k, &v);
+                }));
+            }
+            hooks.push(Box::new(|_: &MemoryData| {}));
+        }
+        let before = store.epoch().unwrap();
+        let mut recent = RecentRevocations::default();
+        assert!(apply_markers(&store, &[a, b], &mut recent, 10).is_err());
+        assert_eq!(
+            store.epoch().unwrap(),
+            before + 1,
+            "a left the store: caches must hear"
+        );
+        assert!(
+            recent.contains(&a) && !recent.contains(&b),
+            "b is applied by the next sweep"
+        );
+        assert_eq!(apply_markers(&store, &[a, b], &mut recent, 11), Ok(1));
     }
 
     #[test]

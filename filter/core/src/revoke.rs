@@ -63,7 +63,8 @@ impl std::error::Error for RevocationError {}
 /// What to do with a revocation request.
 #[derive(Clone, PartialEq, Eq)]
 pub enum RevocationPlan {
-    /// Revoked here (store entry removed, epoch moved); forward this body to the IdP. `key` and
+    /// Revoked here (store entry removed, epoch moved; by [`decide`]: to be revoked); forward
+    /// this body to the IdP. `key` and
     /// `expires_at` are the token's, for the etcd tier.
     Revoked {
         body: Vec<u8>,
@@ -184,6 +185,21 @@ pub fn revoke<H: SharedData>(
     body: &[u8],
     now: u64,
 ) -> Result<RevocationPlan, Failure> {
+    let plan = decide(store, body, now)?;
+    if let RevocationPlan::Revoked { key, .. } = &plan {
+        forget(store, key)?;
+    }
+    Ok(plan)
+}
+
+/// Decides a revocation request without revoking anything: a `Revoked` plan names the token to
+/// [`forget`] once the revocation is also written elsewhere (etcd), so that a failure there
+/// leaves the token as it was everywhere, instead of revoked on one replica only.
+pub fn decide<H: SharedData>(
+    store: &Store<'_, H>,
+    body: &[u8],
+    now: u64,
+) -> Result<RevocationPlan, Failure> {
     if body.len() > MAX_REVOCATION_BODY {
         return Err(Failure::Request(RevocationError::TooLarge {
             limit: MAX_REVOCATION_BODY,
@@ -237,7 +253,6 @@ pub fn revoke<H: SharedData>(
             RevocationPlan::AnswerLocally
         });
     };
-    forget(store, &key)?;
     if let Some((_, value)) = pairs.get_mut(token_at) {
         *value = jwt;
     }
@@ -285,7 +300,7 @@ pub enum Failure {
 
 /// Removes a token everywhere: from the store, then (by moving the epoch) from every worker's
 /// cache. The epoch moves even when another worker removed the entry first, so no cache lags.
-fn forget<H: SharedData>(
+pub fn forget<H: SharedData>(
     store: &Store<'_, H>,
     key: &crate::token::StoreKey,
 ) -> Result<(), Failure> {
@@ -395,6 +410,32 @@ mod tests {
         // Gone: a second revocation is answered locally, like any unknown signature.
         let again = revoke(&store, format!("token={sig}").as_bytes(), 10).unwrap();
         assert_eq!(again, RevocationPlan::AnswerLocally);
+    }
+
+    #[test]
+    fn deciding_revokes_nothing_until_forget() {
+        let c = config();
+        let host = MemoryData::default();
+        let store = store_of(&c, &host);
+        let (_, sig) = put_jwt(&store);
+        let epoch = store.epoch().unwrap();
+        let body = format!("token={sig}");
+        let plan = decide(&store, body.as_bytes(), 10).unwrap();
+        let RevocationPlan::Revoked { key, .. } = plan else {
+            panic!("{plan:?}")
+        };
+        assert_eq!(store.epoch().unwrap(), epoch);
+        assert_eq!(
+            decide(&store, body.as_bytes(), 10).unwrap(),
+            plan,
+            "still stored"
+        );
+        forget(&store, &key).unwrap();
+        assert_ne!(store.epoch().unwrap(), epoch);
+        assert_eq!(
+            decide(&store, body.as_bytes(), 10).unwrap(),
+            RevocationPlan::AnswerLocally
+        );
     }
 
     #[test]

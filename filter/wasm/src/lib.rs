@@ -27,7 +27,7 @@ use split_token_core::store::{HostStatus, SetError, SharedData, Store, StoreErro
 use split_token_core::token::StoreKey;
 use split_token_core::verify::{verify, VerifyError};
 use split_token_core::{Config, Route};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -178,6 +178,8 @@ struct SplitTokenRoot {
     leases: Rc<RefCell<Leases>>,
     /// Revocations this worker polled lately, shared with its HTTP contexts.
     recent: Rc<RefCell<RecentRevocations>>,
+    /// etcd lookups under way on this worker, counted by its HTTP contexts.
+    lookups: Rc<Cell<u32>>,
     /// The revocation poll: the call under way, where sweeps stand, when the last poll began.
     poll: Option<u32>,
     sweeps: etcd::Sweeps,
@@ -217,7 +219,7 @@ impl SplitTokenRoot {
         self.config.as_deref().and_then(|c| c.etcd.as_ref())
     }
 
-    /// Asks etcd for revocation markers newer than the last this worker saw.
+    /// Asks etcd for the next page of revocation markers (see `etcd::Sweeps`).
     fn start_poll(&mut self) {
         let Some(config) = self.config.clone() else {
             return;
@@ -273,6 +275,9 @@ impl SplitTokenRoot {
                 self.metrics.add(Counter::EtcdRevocationsApplied, removed);
                 if self.sweeps.advance(&markers) {
                     self.start_poll();
+                } else {
+                    etcd::Watermark::new(&config.store_prefix, &etcd_config.key_prefix)
+                        .save(&EnvoySharedData, self.sweeps.since_ms());
                 }
             }
             // The next sweep starts from the same point and brings these markers again.
@@ -374,9 +379,13 @@ impl RootContext for SplitTokenRoot {
                 if let Some(etcd_config) = &config.etcd {
                     self.leases =
                         Rc::new(RefCell::new(Leases::new(etcd_config.lease_bucket_seconds)));
-                    // The first sweep reads every live marker, so a new or reloaded VM misses none.
+                    // The first sweep starts where this store's last one did (every listener
+                    // update configures anew), or reads every live marker for a new store.
                     self.poll = None;
-                    self.sweeps = etcd::Sweeps::default();
+                    let since = etcd::Watermark::new(&config.store_prefix, &etcd_config.key_prefix)
+                        .load(&EnvoySharedData);
+                    self.sweeps =
+                        etcd::Sweeps::new(etcd::sweep_slack_ms(etcd_config.timeout_ms), since);
                     self.last_poll = Duration::ZERO;
                     let poll = Duration::from_millis(etcd_config.poll_ms);
                     tick = Some(tick.map_or(poll, |t: Duration| t.min(poll)));
@@ -445,6 +454,7 @@ impl RootContext for SplitTokenRoot {
             cache: Rc::clone(&self.cache),
             leases: Rc::clone(&self.leases),
             recent: Rc::clone(&self.recent),
+            lookups: Rc::clone(&self.lookups),
             state: State::Request,
             body_size: 0,
             pending: None,
@@ -502,6 +512,8 @@ struct SplitTokenHttp {
     cache: Rc<RefCell<LocalCache>>,
     leases: Rc<RefCell<Leases>>,
     recent: Rc<RefCell<RecentRevocations>>,
+    /// etcd lookups under way on this worker.
+    lookups: Rc<Cell<u32>>,
     state: State,
     body_size: usize,
     /// What the call under way (`State::Waiting`) is for.
@@ -518,8 +530,13 @@ enum Pending {
     Keys(SplitPlan, KeyRequest),
     /// The split token's write to etcd, before the client gets it.
     Publish { plan: SplitPlan, step: LeaseStep },
-    /// A signature this replica does not hold, looked for in etcd.
-    Fetch { key: StoreKey, then: AfterFetch },
+    /// A signature this replica does not hold, looked for in etcd; the slot counts it as under
+    /// way until the answer is handled or the request goes away.
+    Fetch {
+        key: StoreKey,
+        then: AfterFetch,
+        _slot: InFlight,
+    },
     /// A revocation's write to etcd (token deleted, marker written), before the request goes on.
     Retract {
         key: StoreKey,
@@ -527,6 +544,26 @@ enum Pending {
         step: LeaseStep,
         then: AfterRetract,
     },
+}
+
+/// One etcd lookup under way on this worker: counted while it lives. It lives in the request's
+/// `Pending`, so it is released when the answer is handled and also when the request goes away
+/// before the answer (its context is dropped).
+struct InFlight(Rc<Cell<u32>>);
+
+impl InFlight {
+    fn take(count: &Rc<Cell<u32>>, limit: u32) -> Option<Self> {
+        (count.get() < limit).then(|| {
+            count.set(count.get() + 1);
+            Self(Rc::clone(count))
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get().saturating_sub(1));
+    }
 }
 
 /// Where a leased etcd write is: granting the bucket's lease, or writing under it.
@@ -646,6 +683,14 @@ impl SplitTokenHttp {
         Some(value)
     }
 
+    /// Envoy picked the route before this filter ran, possibly on a client-sent identity
+    /// header: have it recompute the route on the headers as the filter left them.
+    fn recompute_route(&self) {
+        if self.config.recompute_route && !self.config.claims_to_headers.is_empty() {
+            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+        }
+    }
+
     fn response_header(&self, name: &str) -> Option<Vec<u8>> {
         hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
             .ok()
@@ -696,7 +741,13 @@ impl SplitTokenHttp {
     fn finish_revocation(&mut self, body_size: usize) -> Action {
         self.state = State::Done;
         let body = self.request_body(body_size);
-        let plan = match revoke::revoke(&self.store(), &body, now()) {
+        // With etcd the token is revoked here once etcd has it (`after_retract`).
+        let decide = if self.config.etcd.is_some() {
+            revoke::decide
+        } else {
+            revoke::revoke
+        };
+        let plan = match decide(&self.store(), &body, now()) {
             Ok(plan) => plan,
             Err(failure) => {
                 if let Failure::Store(e) = &failure {
@@ -722,10 +773,14 @@ impl SplitTokenHttp {
                 body,
                 key,
                 expires_at,
-            } => {
-                self.metrics.bump(Counter::Revoked);
+            } if self.config.etcd.is_some() => {
                 let then = AfterRetract::ForwardBody { body, body_size };
                 self.retract(key, expires_at, then)
+            }
+            RevocationPlan::Revoked { body, .. } => {
+                // Revoked here already (`revoke::revoke`).
+                self.metrics.bump(Counter::Revoked);
+                self.forward_body(&body, body_size)
             }
             RevocationPlan::ForwardUnchanged => {
                 self.metrics.bump(Counter::RevocationsForwarded);
@@ -815,7 +870,14 @@ impl SplitTokenHttp {
 
     fn on_protected_request(&mut self, logout: bool) -> Action {
         let authorization = self.request_header("authorization");
-        let decide = if logout { revoke::logout } else { authorize };
+        // With etcd a logout revokes here only once etcd has it (`after_retract`): a failed
+        // write must leave the token as it was on every replica, not revoked on this one only.
+        let revoke_here = logout && self.config.etcd.is_none();
+        let decide = if revoke_here {
+            revoke::logout
+        } else {
+            authorize
+        };
         let verdict = decide(
             &self.config,
             &self.store(),
@@ -838,7 +900,7 @@ impl SplitTokenHttp {
                 return self.fetch(key, AfterFetch::Authorize { logout });
             }
         }
-        if logout && matches!(verdict, Verdict::Forward(_)) {
+        if revoke_here && matches!(verdict, Verdict::Forward(_)) {
             self.metrics.bump(Counter::Revoked);
         }
         self.metrics.bump(verdict.counter());
@@ -872,8 +934,8 @@ impl SplitTokenHttp {
                     return Action::Pause;
                 }
                 match presented_key(authorization.as_deref()) {
-                    // Revoked here; every replica hears of it through etcd before the IdP does.
-                    Some(key) if logout && self.config.etcd.is_some() => {
+                    // Every replica hears of it through etcd before the IdP does.
+                    Some(key) if logout && !revoke_here => {
                         self.retract(key, forward.expires_at, AfterRetract::Resume)
                     }
                     _ => Action::Continue,
@@ -891,12 +953,22 @@ impl SplitTokenHttp {
     fn fetch(&mut self, key: StoreKey, then: AfterFetch) -> Action {
         self.fetched = true;
         let Some(etcd_config) = self.config.etcd.as_ref() else {
-            return Action::Continue;
+            return self.fetch_failed(&EtcdError::NoAnswer { call: "range" }, then);
+        };
+        // Made-up signatures cost an etcd read each: bound what one worker has under way, so a
+        // flood can neither pile up calls nor crowd out the revocation polls.
+        let Some(slot) = InFlight::take(&self.lookups, etcd_config.max_pending_lookups) else {
+            self.state = State::Done;
+            return self.unavailable(then);
         };
         let call = etcd::get_token(&etcd_config.key_prefix, &key);
         match dispatch_etcd(etcd_config, &call) {
             Ok(token) => {
-                self.pending = Some(Pending::Fetch { key, then });
+                self.pending = Some(Pending::Fetch {
+                    key,
+                    then,
+                    _slot: slot,
+                });
                 self.state = State::Waiting(token);
                 Action::Pause
             }
@@ -908,6 +980,11 @@ impl SplitTokenHttp {
         self.metrics.bump(Counter::EtcdFailures);
         log(LogLevel::Warn, &format!("token lookup in etcd failed: {e}"));
         self.state = State::Done;
+        self.unavailable(then)
+    }
+
+    /// The 503 of a request whose token could not be looked for in etcd.
+    fn unavailable(&mut self, then: AfterFetch) -> Action {
         match then {
             AfterFetch::Authorize { .. } => {
                 self.metrics.bump(Counter::RejectedStoreUnavailable);
@@ -940,11 +1017,14 @@ impl SplitTokenHttp {
             Ok(true) => self.metrics.bump(Counter::EtcdFetched),
             Ok(false) => self.metrics.bump(Counter::EtcdNotFound),
             Err(e) => {
+                // A valid token that cannot be kept here: 503, not an "unknown token" 401.
                 log(
                     LogLevel::Error,
                     &format!("cannot keep a token read from etcd: {e}"),
                 );
                 self.metrics.bump(Counter::StoreWriteFailures);
+                self.state = State::Done;
+                return self.unavailable(then);
             }
         }
         match then {
@@ -954,10 +1034,11 @@ impl SplitTokenHttp {
         }
     }
 
-    /// Holds the request while its revocation is written to etcd.
+    /// Holds the request while its revocation is written to etcd; then it is revoked here.
     fn retract(&mut self, key: StoreKey, expires_at: u64, then: AfterRetract) -> Action {
         let Some(etcd_config) = self.config.etcd.as_ref() else {
-            return self.after_retract(then);
+            // Callers revoke here themselves without etcd; never let the request through.
+            return self.retract_failed(&EtcdError::NoAnswer { call: "txn" });
         };
         let prefix = etcd_config.key_prefix.clone();
         let now_ms = now_ms();
@@ -988,14 +1069,14 @@ impl SplitTokenHttp {
                 if self.config.etcd.is_some() {
                     self.metrics.bump(Counter::EtcdRevocationsPublished);
                 }
-                self.after_retract(then)
+                self.after_retract(key, then)
             }
             Leased::Failed(e) => self.retract_failed(&e),
         }
     }
 
     fn retract_failed(&mut self, e: &EtcdError) -> Action {
-        // Revoked on this replica already; the client retries and the retry reaches etcd.
+        // Nothing is revoked, here or anywhere: the client's retry starts over.
         self.metrics.bump(Counter::EtcdFailures);
         log(
             LogLevel::Warn,
@@ -1006,8 +1087,18 @@ impl SplitTokenHttp {
         Action::Pause
     }
 
-    fn after_retract(&mut self, then: AfterRetract) -> Action {
+    /// etcd has the revocation (or there is no etcd): revoke here, then let the request go on.
+    fn after_retract(&mut self, key: StoreKey, then: AfterRetract) -> Action {
         self.state = State::Done;
+        if let Err(failure) = revoke::forget(&self.store(), &key) {
+            // etcd has it, and this replica's next sweep applies it; the client may retry.
+            if let Failure::Store(e) = &failure {
+                log(LogLevel::Error, &format!("revocation: {e}"));
+            }
+            self.send(&revocation_failure(&failure));
+            return Action::Pause;
+        }
+        self.metrics.bump(Counter::Revoked);
         match then {
             AfterRetract::Resume => Action::Continue,
             AfterRetract::ForwardBody { body, body_size } => self.forward_body(&body, body_size),
@@ -1302,7 +1393,7 @@ impl Context for SplitTokenHttp {
                 };
                 (self.on_publish_step(plan, next), true)
             }
-            Pending::Fetch { key, then } => {
+            Pending::Fetch { key, then, .. } => {
                 let answer = call_answer(num_headers, body_size);
                 (self.on_fetched(key, then, answer), false)
             }
@@ -1325,6 +1416,8 @@ impl Context for SplitTokenHttp {
             let _ = if response {
                 hostcalls::resume_http_response()
             } else {
+                // The identity headers were set after the headers callback: route on them.
+                self.recompute_route();
                 hostcalls::resume_http_request()
             };
         }
@@ -1349,13 +1442,8 @@ impl HttpContext for SplitTokenHttp {
             action = self.finish_request_body(0);
         }
         let held = matches!(self.state, State::Revocation | State::Introspection);
-        if self.config.recompute_route
-            && !self.config.claims_to_headers.is_empty()
-            && (action == Action::Continue || held)
-        {
-            // Envoy picked the route before this filter ran, possibly on a client-sent identity
-            // header: recompute it on the headers as the filter left them.
-            let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+        if action == Action::Continue || held {
+            self.recompute_route();
         }
         action
     }
@@ -1394,6 +1482,10 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let State::Waiting(_) = self.state {
+            // Held until etcd answers: a body going on would take the headers with it.
+            return Action::Pause;
+        }
         if !matches!(self.state, State::Revocation | State::Introspection) {
             return Action::Continue;
         }
@@ -1422,6 +1514,9 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let State::Waiting(_) = self.state {
+            return Action::Pause;
+        }
         if !matches!(self.state, State::Revocation | State::Introspection) {
             return Action::Continue;
         }
@@ -1429,6 +1524,9 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let State::Waiting(_) = self.state {
+            return Action::Pause;
+        }
         if self.state != State::Buffering {
             return Action::Continue;
         }
@@ -1446,6 +1544,9 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        if let State::Waiting(_) = self.state {
+            return Action::Pause;
+        }
         if self.state != State::Buffering {
             return Action::Continue;
         }
