@@ -1012,17 +1012,22 @@ mod tests {
         ));
     }
 
+    /// A store with an epoch and two tokens, sig-a and sig-b: their keys.
+    fn two_tokens(store: &Store<'_, MemoryData>) -> (StoreKey, StoreKey) {
+        store.initialize().unwrap();
+        store.seed_epoch(1).unwrap();
+        store_token(store, "sig-a", HP.as_bytes(), 100);
+        store_token(store, "sig-b", HP.as_bytes(), 100);
+        let key = |s: &[u8]| Signature::parse(s).unwrap().store_key();
+        (key(b"sig-a"), key(b"sig-b"))
+    }
+
     #[test]
     fn markers_remove_tokens_and_move_the_epoch_once() {
         let c = config(true);
         let host = MemoryData::default();
         let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
-        store.initialize().unwrap();
-        store.seed_epoch(1).unwrap();
-        store_token(&store, "sig-a", HP.as_bytes(), 100);
-        store_token(&store, "sig-b", HP.as_bytes(), 100);
-        let a = Signature::parse(b"sig-a").unwrap().store_key();
-        let b = Signature::parse(b"sig-b").unwrap().store_key();
+        let (a, b) = two_tokens(&store);
         let absent = StoreKey([7; 32]);
         let mut recent = RecentRevocations::default();
         let before = store.epoch().unwrap();
@@ -1042,15 +1047,9 @@ mod tests {
 
     #[test]
     fn a_sweep_that_fails_midway_still_tells_caches_about_what_it_removed() {
-        let c = Config::from_json(br#"{"token_paths": ["/t"], "store_slots": 1024}"#).unwrap();
         let host = MemoryData::default();
-        let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
-        store.initialize().unwrap();
-        store.seed_epoch(1).unwrap();
-        store_token(&store, "sig-a", HP.as_bytes(), 100);
-        store_token(&store, "sig-b", HP.as_bytes(), 100);
-        let a = Signature::parse(b"sig-a").unwrap().store_key();
-        let b = Signature::parse(b"sig-b").unwrap().store_key();
+        let store = Store::new(&host, "st/", 1024, 8);
+        let (a, b) = two_tokens(&store);
         let slot_b = store.slot_key(&b);
         assert_ne!(store.slot_key(&a), slot_b);
         {
