@@ -22,6 +22,7 @@
 //! | [`jwks`] | `verify::KeySet::parse`, `keys::on_response`, `verify::verify` |
 //! | [`revocation`] | `revoke`: `parse_form`, `encode_form`, `revoke` |
 //! | [`introspect`] | `introspect`: `authenticate`, `introspect` |
+//! | [`etcd`] | `etcd`: calls and answers, `Sweeps` and `Watermark` against a simulated etcd, `RecentRevocations` and `Leases` against models, `miss_key`, `adopt`, `apply_markers`; `StoreKey::to_hex`/`from_hex`, `revoke::remote_candidate` |
 #![forbid(unsafe_code)]
 // A fuzz target reports a violated property by panicking, so asserts, `unwrap`/`expect` and
 // indexing on what must hold, and `panic!`, are the point of this crate, not a hazard.
@@ -35,6 +36,7 @@
 mod authorization;
 mod claims;
 mod config;
+mod etcd;
 mod introspect;
 mod jwks;
 mod jws;
@@ -46,6 +48,7 @@ mod token_response;
 pub use authorization::authorization;
 pub use claims::claims;
 pub use config::config;
+pub use etcd::etcd;
 pub use introspect::introspect;
 pub use jwks::jwks;
 pub use jws::jws;
@@ -57,7 +60,7 @@ pub use token_response::token_response;
 pub type Property = fn(&[u8]);
 
 /// Every target by name, as `cargo fuzz` knows it: the replay test walks this list.
-pub const TARGETS: [(&str, Property); 9] = [
+pub const TARGETS: [(&str, Property); 10] = [
     ("jws", jws),
     ("authorization", authorization),
     ("token_response", token_response),
@@ -67,6 +70,7 @@ pub const TARGETS: [(&str, Property); 9] = [
     ("jwks", jwks),
     ("revocation", revocation),
     ("introspect", introspect),
+    ("etcd", etcd),
 ];
 
 #[cfg(test)]
