@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import threading
@@ -135,6 +136,9 @@ def main() -> int:
             threads = [threading.Thread(target=watch, args=(n,)) for n in "bc"]
             for t in threads:
                 t.start()
+            # The loop would otherwise lock onto the sweeps (each round ends just after one), so
+            # revoke at a random point of the poll interval.
+            time.sleep(random.uniform(0, args.poll_ms / 1000))
             r = session.post(urls["a"] + "/auth/revoke", data={"token": sig}, timeout=5)
             t_revoked = time.perf_counter()
             assert r.status_code == 200, r.text

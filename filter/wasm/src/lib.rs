@@ -933,13 +933,14 @@ impl SplitTokenHttp {
                     self.send(&Rejection::StoreUnavailable.reply(&self.config));
                     return Action::Pause;
                 }
-                match presented_key(authorization.as_deref()) {
-                    // Every replica hears of it through etcd before the IdP does.
-                    Some(key) if logout && !revoke_here => {
-                        self.retract(key, forward.expires_at, AfterRetract::Resume)
+                if logout && !revoke_here {
+                    // Every replica hears of it through etcd before the IdP does. (Hashed
+                    // again only here: API calls, the hot path, never need the key.)
+                    if let Some(key) = presented_key(authorization.as_deref()) {
+                        return self.retract(key, forward.expires_at, AfterRetract::Resume);
                     }
-                    _ => Action::Continue,
                 }
+                Action::Continue
             }
             Verdict::PassThrough => Action::Continue,
             Verdict::Reject(rejection) => {
