@@ -1,6 +1,6 @@
 //! `etcd`: calls to etcd's JSON gateway and its answers, revocation markers and leases.
 
-use crate::support::{b64, form_body, signature_bytes, string, value, MemoryData};
+use crate::support::{b64, form_body, form_params, signature_bytes, string, value, MemoryData};
 use arbitrary::{Result, Unstructured};
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -1066,21 +1066,7 @@ fn structured_leases(u: &mut Unstructured<'_>) -> Result<()> {
 /// Revocation bodies naming a signature, a JWT, a token of another shape, with hints and other
 /// parameters around.
 fn structured_candidate(u: &mut Unstructured<'_>) -> Result<()> {
-    let mut params: Vec<(String, String)> = Vec::new();
-    for _ in 0..u.int_in_range(0..=3)? {
-        let name = match u.int_in_range(0..=3)? {
-            0 => "client_id".to_owned(),
-            1 => "token_type_hint".to_owned(),
-            2 => "token".to_owned(),
-            _ => string(u)?,
-        };
-        let value = match u.int_in_range(0..=2)? {
-            0 => "access_token".to_owned(),
-            1 => "refresh_token".to_owned(),
-            _ => string(u)?,
-        };
-        params.push((name, value));
-    }
+    let mut params = form_params(u)?;
     let signature = if u.ratio(3, 4)? {
         let len = *u.choose(&SIGNATURE_LENGTHS)?;
         let byte: u8 = u.arbitrary()?;

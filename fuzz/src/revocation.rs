@@ -1,6 +1,6 @@
 //! `revoke`: RFC 7009 form bodies, and revoking a stored token.
 
-use crate::support::{b64, form_body, MemoryData};
+use crate::support::{b64, form_body, form_params, MemoryData};
 use arbitrary::{Result, Unstructured};
 use split_token_core::revoke::{
     could_be_signature, encode_form, parse_form, revoke, Failure, RevocationError, RevocationPlan,
@@ -148,21 +148,7 @@ fn structured(u: &mut Unstructured<'_>) -> Result<()> {
     let pairs: Vec<(String, String)> = u.arbitrary()?;
     assert_eq!(parse_form(&encode_form(&pairs)), Ok(pairs), "no round trip");
 
-    let mut params: Vec<(String, String)> = Vec::new();
-    for _ in 0..u.int_in_range(0..=3)? {
-        let name = match u.int_in_range(0..=3)? {
-            0 => "client_id".to_owned(),
-            1 => "token_type_hint".to_owned(),
-            2 => "token".to_owned(),
-            _ => u.arbitrary()?,
-        };
-        let value = match u.int_in_range(0..=2)? {
-            0 => "access_token".to_owned(),
-            1 => "refresh_token".to_owned(),
-            _ => u.arbitrary()?,
-        };
-        params.push((name, value));
-    }
+    let mut params = form_params(u)?;
     let token = match u.int_in_range(0..=3)? {
         0 => stored_signature(),
         1 => b64(&[0x11; 64]),

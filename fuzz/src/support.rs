@@ -187,6 +187,27 @@ pub fn value(u: &mut Unstructured<'_>, depth: u32) -> Result<Value> {
 
 /// A form body for `params`: fully encoded, or with spaces as '+' and other characters left as
 /// they are wherever that is unambiguous, as clients send them.
+/// Up to three parameters a revocation form carries besides its token: client ids, hints (the
+/// known ones or any), repeated `token`s and arbitrary names.
+pub fn form_params(u: &mut Unstructured<'_>) -> Result<Vec<(String, String)>> {
+    let mut params = Vec::new();
+    for _ in 0..u.int_in_range(0..=3)? {
+        let name = match u.int_in_range(0..=3)? {
+            0 => "client_id".to_owned(),
+            1 => "token_type_hint".to_owned(),
+            2 => "token".to_owned(),
+            _ => string(u)?,
+        };
+        let value = match u.int_in_range(0..=2)? {
+            0 => "access_token".to_owned(),
+            1 => "refresh_token".to_owned(),
+            _ => string(u)?,
+        };
+        params.push((name, value));
+    }
+    Ok(params)
+}
+
 pub fn form_body(u: &mut Unstructured<'_>, params: &[(String, String)]) -> Result<Vec<u8>> {
     use split_token_core::revoke::encode_form;
     if u.arbitrary()? {
