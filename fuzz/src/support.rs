@@ -185,8 +185,6 @@ pub fn value(u: &mut Unstructured<'_>, depth: u32) -> Result<Value> {
     })
 }
 
-/// A form body for `params`: fully encoded, or with spaces as '+' and other characters left as
-/// they are wherever that is unambiguous, as clients send them.
 /// Up to three parameters a revocation form carries besides its token: client ids, hints (the
 /// known ones or any), repeated `token`s and arbitrary names.
 pub fn form_params(u: &mut Unstructured<'_>) -> Result<Vec<(String, String)>> {
@@ -208,6 +206,8 @@ pub fn form_params(u: &mut Unstructured<'_>) -> Result<Vec<(String, String)>> {
     Ok(params)
 }
 
+/// A form body for `params`: fully encoded, or with spaces as '+' and other characters left as
+/// they are wherever that is unambiguous, as clients send them.
 pub fn form_body(u: &mut Unstructured<'_>, params: &[(String, String)]) -> Result<Vec<u8>> {
     use split_token_core::revoke::encode_form;
     if u.arbitrary()? {

@@ -221,8 +221,25 @@ struct Header {}
 
 #[derive(Deserialize)]
 struct GrantAnswer {
+    #[serde(default)]
+    header: Option<Header>,
     #[serde(rename = "ID", default)]
     id: Option<String>,
+}
+
+/// What every etcd answer carries: a header. A 200 without one is not from etcd.
+trait Headed {
+    fn has_header(&self) -> bool;
+}
+
+macro_rules! headed {
+    ($($answer:ty),*) => {$(
+        impl Headed for $answer {
+            fn has_header(&self) -> bool {
+                self.header.is_some()
+            }
+        }
+    )*};
 }
 
 #[derive(Deserialize)]
@@ -252,8 +269,10 @@ struct RangeAnswer {
     more: bool,
 }
 
+headed!(GrantAnswer, WriteAnswer, RangeAnswer);
+
 /// Decodes a 200 answer, or names the failure. `status` is `None` when no answer came.
-fn answer<'a, T: Deserialize<'a>>(
+fn answer<'a, T: Deserialize<'a> + Headed>(
     call: &'static str,
     status: Option<&[u8]>,
     body: &'a [u8],
@@ -278,10 +297,17 @@ fn answer<'a, T: Deserialize<'a>>(
             message,
         });
     }
-    serde_json::from_slice(body).map_err(|_| EtcdError::BadAnswer {
+    let answer: T = serde_json::from_slice(body).map_err(|_| EtcdError::BadAnswer {
         call,
         reason: "the answer is not the JSON etcd sends",
-    })
+    })?;
+    if !answer.has_header() {
+        return Err(EtcdError::BadAnswer {
+            call,
+            reason: "no header in the answer",
+        });
+    }
+    Ok(answer)
 }
 
 /// The lease id of a grant.
@@ -305,12 +331,6 @@ pub fn parse_write(
     body: &[u8],
 ) -> Result<(), EtcdError> {
     let write: WriteAnswer = answer(call, status, body)?;
-    if write.header.is_none() {
-        return Err(EtcdError::BadAnswer {
-            call,
-            reason: "no header in the answer",
-        });
-    }
     if write.succeeded == Some(false) {
         return Err(EtcdError::BadAnswer {
             call,
@@ -340,12 +360,6 @@ impl fmt::Debug for Fetched {
 pub fn parse_get(status: Option<&[u8]>, body: &[u8]) -> Result<Option<Fetched>, EtcdError> {
     const CALL: &str = "range";
     let range: RangeAnswer = answer(CALL, status, body)?;
-    if range.header.is_none() {
-        return Err(EtcdError::BadAnswer {
-            call: CALL,
-            reason: "no header in the answer",
-        });
-    }
     let Some(kv) = range.kvs.first() else {
         return Ok(None);
     };
@@ -394,12 +408,6 @@ pub struct Markers {
 pub fn parse_poll(prefix: &str, status: Option<&[u8]>, body: &[u8]) -> Result<Markers, EtcdError> {
     const CALL: &str = "poll";
     let range: RangeAnswer = answer(CALL, status, body)?;
-    if range.header.is_none() {
-        return Err(EtcdError::BadAnswer {
-            call: CALL,
-            reason: "no header in the answer",
-        });
-    }
     let marker_prefix = format!("{prefix}r/");
     let mut keys = Vec::with_capacity(range.kvs.len());
     let mut last = None;
