@@ -3,7 +3,10 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 
 venv := justfile_directory() / ".deps/venv"
 envoy := venv / "bin/envoy"
-wasm := "target/wasm32-wasip1/release/split_token_filter.wasm"
+# Cargo's target directory, as cargo resolves it: CARGO_TARGET_DIR when set, else target/.
+# Exported as an absolute path, so cargo and the Python tests agree on where the .wasm is.
+export CARGO_TARGET_DIR := absolute_path(env("CARGO_TARGET_DIR", "target"))
+wasm := CARGO_TARGET_DIR / "wasm32-wasip1/release/split_token_filter.wasm"
 
 default:
     @just --list
@@ -12,13 +15,17 @@ default:
 deps:
     tests/deps.sh
 
-# Build the release .wasm
-build:
-    cargo build --release --target wasm32-wasip1 -p split-token-filter
+# The pinned Rust toolchain of rust-toolchain.toml, with its components and the wasm32-wasip1 target
+toolchain:
+    tests/toolchain.sh
+
+# Build the release .wasm (the plain cargo command: the workspace's default members are the filter)
+build: toolchain
+    cargo build --release --target wasm32-wasip1
     @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
 
 # The .wasm with fault injection, for the VM-failure tests only: never ship it
-build-fault:
+build-fault: toolchain
     cargo build --profile fault --target wasm32-wasip1 -p split-token-filter --features fault-injection
 
 # Run the Tyk-style walkthrough: IdP, httpbin and Envoy on loopback; Ctrl-C stops them
@@ -33,7 +40,7 @@ lint: deps build
     tests/validate-configs.sh {{envoy}}
 
 # Unit tests of the host-free core (plain cargo test)
-unit:
+unit: toolchain
     cargo test --workspace
 
 # End-to-end tests against real Envoy, IdP and httpbin; extra args go to pytest

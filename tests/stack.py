@@ -27,7 +27,11 @@ ENVOY_BIN = DEPS / "venv" / "bin" / "envoy"
 GUNICORN_BIN = DEPS / "venv" / "bin" / "gunicorn"
 ETCD_BIN = DEPS / "etcd" / "usr" / "bin" / "etcd"
 IDP_SCRIPT = ROOT / "tests" / "idp" / "server.js"
-WASM = ROOT / "target" / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
+# Cargo's target directory: CARGO_TARGET_DIR when set (the justfile exports it, absolute), else
+# target/ at the root. A relative value is taken from the root, where the recipes run cargo.
+TARGET_DIR = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
+WASM = TARGET_DIR / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
+FAULT_WASM = TARGET_DIR / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
 

@@ -14,7 +14,7 @@ import stack
 from conftest import BASE_FILTER
 from helpers import StatDelta
 
-FAULT_WASM = stack.ROOT / "target" / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
+FAULT_WASM = stack.FAULT_WASM
 TRAP = {"x-split-token-fault": "trap"}
 
 
