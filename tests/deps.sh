@@ -7,7 +7,8 @@ deps="$root/.deps"
 mkdir -p "$deps"
 
 idp_version=7.2.1
-etcd_version=3.4.23-4+b4  # Debian etcd-server, unpacked only: nothing is installed system-wide
+etcd_version=3.4.23-4+b4  # Debian etcd-server
+prometheus_version=2.42.0+ds-5+b6  # Debian prometheus, for promtool
 
 py_stamp="$deps/venv/.stamp"
 py_want=$(sha256sum "$root/tests/requirements.txt" | cut -d' ' -f1)
@@ -26,21 +27,29 @@ if [ "$(cat "$idp_stamp" 2>/dev/null)" != "$idp_version" ]; then
   echo "$idp_version" > "$idp_stamp"
 fi
 
-etcd_stamp="$deps/etcd/.stamp"
-if [ "$(cat "$etcd_stamp" 2>/dev/null)" != "$etcd_version" ]; then
-  echo "deps: etcd-server $etcd_version (Debian package, unpacked) -> .deps/etcd"
+# A Debian package unpacked into .deps/<dir> (nothing is installed system-wide), kept until its
+# pin changes.
+debian_unpack() {
+  local package=$1 version=$2 dir=$3 tmp
+  [ "$(cat "$deps/$dir/.stamp" 2>/dev/null)" != "$version" ] || return 0
+  echo "deps: $package $version (Debian package, unpacked) -> .deps/$dir"
   tmp=$(mktemp -d)
-  trap 'rm -rf "$tmp"' EXIT
   # Downloading as root, apt warns that it runs "unsandboxed"; root is who we are, so say so.
-  download() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "etcd-server=$etcd_version"); }
+  download() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$package=$version"); }
   # A stale package list may not know the pin yet: refresh it once, then fail loudly.
   download 2>/dev/null || { apt-get update -qq && download; } || {
-    echo "deps: apt-get download etcd-server=$etcd_version failed" >&2; exit 1; }
-  rm -rf "$deps/etcd"
-  dpkg-deb -x "$tmp"/etcd-server_*.deb "$deps/etcd"
-  echo "$etcd_version" > "$etcd_stamp"
-fi
+    echo "deps: apt-get download $package=$version failed" >&2; rm -rf "$tmp"; exit 1; }
+  rm -rf "${deps:?}/$dir"
+  dpkg-deb -x "$tmp/${package}_"*.deb "$deps/$dir"
+  rm -rf "$tmp"
+  echo "$version" > "$deps/$dir/.stamp"
+}
+debian_unpack etcd-server "$etcd_version" etcd
+# promtool checks the shipped alerting rules (envoy/monitoring/).
+debian_unpack prometheus "$prometheus_version" prometheus
 
 etcd_reported=$("$deps/etcd/usr/bin/etcd" --version | sed -n 1p)
 [ "$etcd_reported" = "etcd Version: 3.4.23" ] || { echo "deps: wrong etcd: $etcd_reported" >&2; exit 1; }
 "$deps/venv/bin/envoy" --version | grep -q '/1.40.0/' || { echo "deps: wrong Envoy version" >&2; exit 1; }
+"$deps/prometheus/usr/bin/promtool" --version 2>&1 | grep -q 'version 2.42.0' || {
+  echo "deps: wrong promtool" >&2; exit 1; }
