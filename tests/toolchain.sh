@@ -19,7 +19,9 @@ mapfile -t targets < <(values targets)
 
 if ! rustup toolchain list | grep -q "^$channel-"; then
   echo "toolchain: installing Rust $channel"
-  rustup toolchain install "$channel" --profile minimal
+  # --no-self-update: rustup would otherwise replace itself with the dist server's release, which
+  # can be older than the rustup a machine has (seen here: 1.29.0 "updated" to 1.28.2).
+  rustup toolchain install "$channel" --profile minimal --no-self-update
 fi
 installed=$(rustup component list --installed --toolchain "$channel")
 for c in "${components[@]}"; do
