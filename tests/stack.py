@@ -7,6 +7,7 @@ ports). Every process logs to a file under the run directory so a failing test c
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import json
 import os
@@ -35,10 +36,42 @@ FAULT_WASM = TARGET_DIR / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
 
+# Ports this process has handed out. A port picked free is let go before its user binds it, so
+# two picks made before either is bound could be the same port (Linux picks at random among
+# ~14,000: about once in 14,000 gateway starts, listener and admin port collided). None is
+# handed out twice.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port this process has not handed out before."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
+
+@contextlib.contextmanager
+def refused_port():
+    """A loopback port that refuses connections while the block runs: bound, so nothing else can
+    take it (as a port picked free and left alone could be), but not listening."""
+    held = []
+    try:
+        while True:
+            s = socket.socket()
+            held.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                break
+        _HANDED_OUT.add(port)
+        yield port
+    finally:
+        for s in held:
+            s.close()
 
 
 def wait_for(what: str, check, timeout: float = 20.0, proc: subprocess.Popen | None = None):

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import stack  # noqa: E402
 
-from helpers import Gateway  # noqa: E402
+from helpers import Gateway, free_port  # noqa: E402
 
 RUN_ROOT = stack.ROOT / ".run" / "e2e"
 
@@ -64,9 +65,10 @@ BASE_FILTER = {
 
 @pytest.fixture(scope="session")
 def run_dir() -> Path:
-    d = RUN_ROOT / time.strftime("%Y%m%d-%H%M%S")
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    # Unique even for two sessions started in the same second: they would share logs, configs
+    # and the IdPs' revocation records.
+    RUN_ROOT.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=time.strftime("%Y%m%d-%H%M%S-"), dir=RUN_ROOT))
 
 
 _started: list = []
@@ -75,7 +77,7 @@ _procs: list = []
 
 def _session_process(start, run_dir):
     """Starts a shared part on a free port; its log is printed when a test fails."""
-    proc = start(stack.free_port(), run_dir)
+    proc = start(free_port(), run_dir)
     _procs.append(proc)
     return proc
 
@@ -102,7 +104,7 @@ def start_etcd(run_dir):
     started = []
 
     def start(port=None, **options):
-        proc = stack.start_etcd(port or stack.free_port(), run_dir, **options)
+        proc = stack.start_etcd(port or free_port(), run_dir, **options)
         started.append(proc)
         if all(p.log != proc.log for p in _procs):  # a restart logs to the same file
             _procs.append(proc)
@@ -119,7 +121,7 @@ def start_etcd(run_dir):
 def recording_idp(run_dir, request):
     """An IdP of the test module's own that records the revocation requests it receives."""
     record = run_dir / f"revocations-{request.module.__name__}.jsonl"
-    idp = stack.start_idp(stack.free_port(), run_dir, record=record)
+    idp = stack.start_idp(free_port(), run_dir, record=record)
     idp.record = record
     _procs.append(idp)
     yield idp
@@ -145,7 +147,7 @@ def start_gateway(run_dir, idp, httpbin):
         ] + (extra_routes or [])
         idp_port = idp_port or idp.port
         config = stack.render_config(
-            listen_port=stack.free_port(), admin_port=stack.free_port(),
+            listen_port=free_port(), admin_port=free_port(),
             idp_port=idp_port, httpbin_port=httpbin.port,
             filter_config=BASE_FILTER if filter_config is None else filter_config,
             extra_routes=routes, extra_clusters=extra_clusters,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -16,8 +17,52 @@ import stack
 PROTECTED = "/basic-protected-api/get"
 
 
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
 def b64url_decode(segment: str) -> bytes:
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+def tampered_signature(signature: str, char: int = -1) -> str:
+    """`signature` with one bit of the value it encodes flipped, so that exactly its character at
+    index `char` changes: always a different value of the same length, in canonical base64url.
+
+    Editing the text instead fails by chance: a 256-byte RS256 signature is 342 characters whose
+    last one carries 2 bits and 4 zero padding bits (A, Q, g or w), so `...AA` turned into `...BB`
+    is not canonical base64url and is refused as malformed before anything is looked up or
+    verified; and replacing a character by a fixed one is a no-op when it already is that one.
+    The last character's bit is the value's lowest: an RSA signature stays below its modulus."""
+    data = bytearray(b64url_decode(signature))
+    assert data and b64url(bytes(data)) == signature, "not canonical base64url"
+    char %= len(signature)
+    bit = min(6 * char + 5, 8 * len(data) - 1)  # the lowest data bit the character carries
+    data[bit // 8] ^= 0x80 >> (bit % 8)
+    tampered = b64url(bytes(data))
+    assert [i for i, (a, b) in enumerate(zip(signature, tampered)) if a != b] == [char]
+    assert len(tampered) == len(signature)
+    return tampered
+
+
+def random_signature(size: int, unlike: str = "") -> str:
+    """A canonical base64url signature of `size` random bytes (RS256: 256), never `unlike`."""
+    while (signature := b64url(os.urandom(size))) == unlike:
+        pass
+    return signature
+
+
+# Never the same port twice in a session, and ports that refuse connections (see stack.py).
+free_port = stack.free_port
+refused_port = stack.refused_port
+
+
+def expires_in_choices(announced: int, exp: int, before: float, after: float) -> set[int]:
+    """The expires_in a split token response may carry when the IdP announced `announced` for a
+    token with this `exp`, split at some second between `before` and `after`: the gateway honours
+    min(announced, exp - now) and says so when that is shorter, as it is when a second ticked
+    between the IdP's signing and the split."""
+    return {min(announced, exp - now) for now in range(int(before), int(after) + 1)}
 
 
 def claims_of(token: str) -> dict:

@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 import stack
-from helpers import StatDelta
+from helpers import StatDelta, b64url_decode, random_signature, tampered_signature
 from scripted import Script, ScriptedUpstream
 
 CORPUS = stack.ROOT / "tests" / "corpus"
@@ -269,7 +269,11 @@ class Tokens:
     def issue(self) -> tuple[str, str]:
         """A token through the gateway from the real IdP: (signature, full JWT)."""
         gw = self.corpus.gateway
-        data = {"grant_type": "client_credentials", "client_id": "corpus", **self.form}
+        # The IdP's tokens carry no jti and RS256 is deterministic: without a claim of its own,
+        # a token issued in the same second as another would be the same token (and {sig2}
+        # would be {sig}).
+        data = {"grant_type": "client_credentials", "client_id": "corpus",
+                "scope": f"corpus-{uuid.uuid4().hex}", **self.form}
         r = httpx.post(gw.url + "/auth/token", data=data, timeout=10)
         assert r.status_code == 200, r.text
         sig = r.json()["access_token"]
@@ -302,12 +306,15 @@ class Tokens:
             h, p, _ = full.split(".")
             variants = {
                 "sig": sig, "jwt": full, "hp": f"{h}.{p}", "header": h, "payload": p,
-                "sig_flip_first": _flip(sig, 0), "sig_flip_middle": _flip(sig, len(sig) // 2),
-                "sig_flip_last": _flip(sig, len(sig) - 1), "sig_case_swapped": sig.swapcase(),
+                # Other canonical signatures of the same length, one character apart.
+                "sig_flip_first": tampered_signature(sig, 0),
+                "sig_flip_middle": tampered_signature(sig, len(sig) // 2),
+                "sig_flip_last": tampered_signature(sig, -1), "sig_case_swapped": sig.swapcase(),
                 "sig_minus_one": sig[:-1], "sig_half": sig[: len(sig) // 2],
                 "sig_first_char": sig[0], "sig_reversed": sig[::-1],
-                "sig_std_base64": base64.b64encode(_b64url_decode(sig)).decode(),
-                "random_same_length": b64url(uuid.uuid4().bytes * 32)[: len(sig)],
+                "sig_std_base64": base64.b64encode(b64url_decode(sig)).decode(),
+                # Not a cut of a longer encoding: its last character may be non-canonical.
+                "random_same_length": random_signature(len(b64url_decode(sig)), unlike=sig),
                 "sig_percent": "".join(f"%{ord(c):02X}" for c in sig),
                 "sig_lowercase_escapes": "".join(f"%{ord(c):02x}" for c in sig),
                 "alg_none_jwt": f"{b64json({'alg': 'none', 'typ': 'JWT'})}.{p}.",
@@ -330,6 +337,8 @@ class Tokens:
     def corpus_expired(self) -> str:
         c = self.corpus
         if c.expired is None:
+            # At the start of a second, so the 2 s token has nearly 2 s to be issued and probed.
+            time.sleep(1 - time.time() % 1)
             saved = self.form
             self.form = {"exp_in": "2"}
             c.expired = self.issue()
@@ -402,14 +411,6 @@ def _hs256(c: Corpus, payload: str) -> str:
     signing_input = f"{b64json({'alg': 'HS256', 'kid': 'corpus'})}.{payload}"
     mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
     return f"{signing_input}.{b64url(mac)}"
-
-
-def _flip(s: str, i: int) -> str:
-    return s[:i] + ("A" if s[i] != "A" else "B") + s[i + 1:]
-
-
-def _b64url_decode(s: str) -> bytes:
-    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
 
 
 PLACEHOLDER = re.compile(r"\{([a-z0-9_]+)\}")
@@ -705,7 +706,7 @@ def test_dpop(corpus, row):
     sig = issued.json()["access_token"]
     assert sig == jwt_text.split(".")[2], issued
     path = API + "dpop-" + row["id"]
-    values = {"sig": sig, "jwt": jwt_text, "sig_flip_last": _flip(sig, len(sig) - 1),
+    values = {"sig": sig, "jwt": jwt_text, "sig_flip_last": tampered_signature(sig),
               "proof": dpop_proof(corpus.gateway.url + path)}
     render = lambda t: PLACEHOLDER.sub(lambda m: values[m.group(1)], t)  # noqa: E731
     proofs = [render(v) for v in row["dpop"]]

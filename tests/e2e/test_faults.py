@@ -12,16 +12,17 @@ import requests
 
 import stack
 from conftest import BASE_FILTER
-from helpers import StatDelta
+from helpers import StatDelta, free_port, refused_port
 
 FAULT_WASM = stack.FAULT_WASM
 TRAP = {"x-split-token-fault": "trap"}
 
 
 def test_idp_down_gives_envoys_503_unchanged_and_stores_nothing(start_gateway):
-    gw = start_gateway(idp_port=stack.free_port(), name="envoy-idp-down")  # nothing listens there
-    with StatDelta(gw) as d:
-        r = gw.token_response()
+    with refused_port() as port:  # nothing listens there, and nothing else can
+        gw = start_gateway(idp_port=port, name="envoy-idp-down")
+        with StatDelta(gw) as d:
+            r = gw.token_response()
     assert r.status_code == 503, r.text
     assert r.text.startswith("upstream connect error"), r.text
     assert r.headers["content-type"] == "text/plain"
@@ -33,7 +34,7 @@ def test_idp_down_gives_envoys_503_unchanged_and_stores_nothing(start_gateway):
 @pytest.fixture
 def own_idp(run_dir):
     """An IdP only this test uses, so it can be frozen."""
-    idp = stack.start_idp(stack.free_port(), run_dir)
+    idp = stack.start_idp(free_port(), run_dir)
     yield idp
     os.kill(idp.proc.pid, signal.SIGCONT)
     idp.stop()

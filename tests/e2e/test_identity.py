@@ -11,7 +11,8 @@ import requests
 
 import stack
 from conftest import httpbin_base64_path
-from helpers import PROTECTED, StatDelta, b64url_decode, forwarded_authorization
+from helpers import (PROTECTED, StatDelta, b64url, b64url_decode, forwarded_authorization, free_port,
+                     refused_port, tampered_signature)
 
 ALICE = {"sub": "alice", "roles": "user,admin", "email": "alice@example.com"}
 BOB = {"sub": "bob", "roles": "user", "email": "bob@example.com"}
@@ -132,11 +133,12 @@ def test_forward_jwt_false_sends_claims_but_no_authorization(start_gateway):
 def tampered_routes(gateway_token: str) -> tuple[list, dict]:
     """httpbin routes serving token responses whose JWT must fail verification."""
     header, payload, signature = gateway_token.split(".")
-    flipped = signature[:-2] + ("AA" if not signature.endswith("AA") else "BB")
+    # Canonical base64url of another 256-byte value: only verification can refuse it.
+    flipped = tampered_signature(signature)
     claims = json.loads(b64url_decode(payload))
     claims["sub"] = "root"
-    forged_payload = stack_b64(json.dumps(claims).encode())
-    none_header = stack_b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+    forged_payload = b64url(json.dumps(claims).encode())
+    none_header = b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
     bodies = {
         "/forged/signature": f"{header}.{payload}.{flipped}",
         "/forged/claims": f"{header}.{forged_payload}.{signature}",
@@ -148,11 +150,6 @@ def tampered_routes(gateway_token: str) -> tuple[list, dict]:
         for path, jwt in bodies.items()
     ]
     return routes, bodies
-
-
-def stack_b64(data: bytes) -> str:
-    import base64
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def test_tokens_that_fail_verification_are_not_issued(start_gateway, idp):
@@ -189,7 +186,7 @@ def test_wrong_audience_is_refused(start_gateway):
 
 
 def test_key_rotation_without_restarting_envoy(start_gateway, run_dir):
-    port = stack.free_port()
+    port = free_port()
     idp = stack.start_idp(port, run_dir)
     try:
         gw = start_gateway(demo_settings(min_refetch_seconds=0), idp_port=port)
@@ -209,7 +206,7 @@ def test_key_rotation_without_restarting_envoy(start_gateway, run_dir):
 
 @pytest.mark.parametrize("alg", ["ES256", "PS256", "EdDSA"])
 def test_other_signature_algorithms_verify(start_gateway, run_dir, alg):
-    port = stack.free_port()
+    port = free_port()
     idp = stack.start_idp(port, run_dir, alg=alg)
     try:
         gw = start_gateway(demo_settings(), idp_port=port)
@@ -222,24 +219,33 @@ def test_other_signature_algorithms_verify(start_gateway, run_dir, alg):
 def test_issuance_waits_for_keys_when_none_are_loaded(start_gateway, run_dir):
     """Envoy starts before the IdP, so its first key fetch fails and it has no keys. The first
     token request then fetches keys itself and waits for them instead of failing."""
-    port = stack.free_port()
-    gw = start_gateway(demo_settings(refresh_seconds=3600), idp_port=port)
-    stack.wait_for("a failed key fetch", lambda: gw.counter("keys.fetch_failures") >= 1, timeout=10)
-    idp = stack.start_idp(port, run_dir)
-    try:
-        with StatDelta(gw) as d:
-            r = gw.token_response(sub="early")
-        assert r.status_code == 200, r.text
-        assert d.split_token("keys.fetched") == 1
-        assert echoed_headers(gw.call(f"Bearer {r.json()['access_token']}"))["X-User-Id"] == "early"
-    finally:
-        idp.stop()
+    # A failed periodic fetch is tried again 5 s later (KeyState::RETRY_SECONDS). Should the IdP
+    # take about that long to start, the retry loads the keys before the token request, which
+    # then proves nothing: such a round is run again with a new Envoy.
+    for _ in range(3):
+        with refused_port() as port:  # nothing can take the port before the IdP does
+            gw = start_gateway(demo_settings(refresh_seconds=3600), idp_port=port)
+            stack.wait_for("a failed key fetch", lambda: gw.counter("keys.fetch_failures") >= 1,
+                           timeout=10)
+        idp = stack.start_idp(port, run_dir)
+        try:
+            if gw.counter("keys.fetched") > 0:
+                continue
+            with StatDelta(gw) as d:
+                r = gw.token_response(sub="early")
+            assert r.status_code == 200, r.text
+            assert d.split_token("keys.fetched") == 1
+            assert echoed_headers(gw.call(f"Bearer {r.json()['access_token']}"))["X-User-Id"] == "early"
+            return
+        finally:
+            idp.stop()
+    pytest.fail("every round, the periodic retry had loaded the keys before the token request")
 
 
 def test_idp_down_at_issuance_fails_closed(start_gateway, run_dir):
-    port = stack.free_port()  # nothing listens here
-    gw = start_gateway(demo_settings(fetch_timeout_ms=500), idp_port=port)
-    r = gw.token_response()
+    with refused_port() as port:  # nothing listens here, and nothing else can
+        gw = start_gateway(demo_settings(fetch_timeout_ms=500), idp_port=port)
+        r = gw.token_response()
     assert r.status_code in (502, 503), r.text
     assert "eyJ" not in r.text
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from helpers import PROTECTED, StatDelta
+from helpers import PROTECTED, StatDelta, tampered_signature
 
 REALM = 'Bearer realm="split-token"'
 INVALID_TOKEN = 'Bearer realm="split-token", error="invalid_token"'
@@ -54,9 +54,12 @@ def test_valid_token_plus_a_second_header_is_refused(gateway):
 
 def test_signature_with_one_character_changed_is_unknown(gateway):
     token = gateway.token()
-    flipped = token[:-1] + ("A" if token[-1] != "A" else "B")
-    reply = gateway.raw("GET", PROTECTED, [("Authorization", f"Bearer {flipped}")])
+    # Not `token[:-1] + "B"`: for a token ending in "A" that is not canonical base64url.
+    flipped = tampered_signature(token)
+    with StatDelta(gateway) as d:
+        reply = gateway.raw("GET", PROTECTED, [("Authorization", f"Bearer {flipped}")])
     assert_rejected(reply, 401, INVALID_TOKEN, "invalid_token")
+    assert d.split_token("rejected.unknown_token") == 1
 
 
 def test_unprotected_paths_need_no_token_and_token_paths_are_not_protected(gateway):

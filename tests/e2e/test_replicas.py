@@ -241,8 +241,18 @@ def test_expired_token_still_in_etcd_is_refused(abc, etcd):
     """A lease may outlive its token by up to a bucket: a replica reading an expired token from
     etcd must refuse it as any expired token."""
     a, b, _ = abc
+    # The key's lease ends 1 s after the token's expiry bucket does: were the token to expire at
+    # the end of a bucket (1 in 60), its key could be gone by the time B looks. Start where the
+    # expiry is seconds before the bucket's end, at the start of a second (so the 2 s token has
+    # nearly 2 s to be issued).
+    while True:
+        time.sleep(1 - time.time() % 1)
+        if -(int(time.time()) + 2) % BUCKET >= 3:
+            break
     token = issue(a, exp_in="2")
-    time.sleep(3.0)
+    expires_at = int(etcd_keys(etcd)[token_key(token)][0].partition(b":")[0])
+    assert -expires_at % BUCKET >= 2, expires_at
+    time.sleep(max(0.0, expires_at + 0.5 - time.time()))  # expired (expires_at <= now)
     assert token_key(token) in etcd_keys(etcd)  # so B does find it there
     with StatDelta(b) as d:
         r = b.call(f"Bearer {token}")
