@@ -608,7 +608,9 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
         _ => NOW,
     };
     let mut recent = RecentRevocations::default();
-    let adopted = adopt(&store, key, &want, &recent, now).expect("the in-memory store failed");
+    let adopted = adopt(&store, key, &want, &recent, now)
+        .expect("the in-memory store failed")
+        .is_some();
     assert_eq!(adopted, expires_at > now, "adopted {adopted} at {now}");
     let stored = |now| {
         let slot = store.fetch_slot(&key).expect("the in-memory store failed");
@@ -635,7 +637,7 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
     );
     assert!(recent.contains(&key));
     assert!(!stored(now), "a revoked token is still stored");
-    assert_eq!(adopt(&store, key, &want, &recent, now), Ok(false));
+    assert_eq!(adopt(&store, key, &want, &recent, now), Ok(None));
     assert!(!stored(now), "a read that raced its revocation was stored");
     // Sweeps overlap: the marker read again changes nothing.
     let epoch = store.epoch().expect("the in-memory store failed");

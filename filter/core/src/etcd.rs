@@ -27,7 +27,7 @@
 use crate::config::Config;
 use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
 use crate::revoke::could_be_signature;
-use crate::store::{Entry, SharedData, Store, StoreError};
+use crate::store::{Entry, PutReport, SharedData, Store, StoreError};
 use crate::token::StoreKey;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -605,28 +605,30 @@ impl RecentRevocations {
     }
 }
 
-/// Stores a token read from etcd in this replica's store. Not when it has expired, nor when
-/// this worker polled its revocation: the read may have raced the revocation, and storing it
-/// after its marker was applied would bring it back here until it expires.
+/// Stores a token read from etcd in this replica's store, with the write's report (evictions
+/// are counted as at issuance). Not when it has expired, nor when this worker polled its
+/// revocation (`None`): the read may have raced the revocation, and storing it after its marker
+/// was applied would bring it back here until it expires.
 pub fn adopt<H: SharedData>(
     store: &Store<'_, H>,
     key: StoreKey,
     fetched: &Fetched,
     recent: &RecentRevocations,
     now: u64,
-) -> Result<bool, StoreError> {
+) -> Result<Option<PutReport>, StoreError> {
     if fetched.expires_at <= now || recent.contains(&key) {
-        return Ok(false);
+        return Ok(None);
     }
-    store.put(
-        &Entry {
-            key,
-            expires_at: fetched.expires_at,
-            header_payload: fetched.header_payload.as_bytes(),
-        },
-        now,
-    )?;
-    Ok(true)
+    store
+        .put(
+            &Entry {
+                key,
+                expires_at: fetched.expires_at,
+                header_payload: fetched.header_payload.as_bytes(),
+            },
+            now,
+        )
+        .map(Some)
 }
 
 /// Forgets the tokens of polled revocation markers here. Returns how many entries this removed;
@@ -1015,17 +1017,18 @@ mod tests {
         let mut recent = RecentRevocations::default();
         assert_eq!(
             adopt(&store, key(), &fetched, &recent, 100),
-            Ok(false),
+            Ok(None),
             "expired"
         );
         assert_eq!(apply_markers(&store, &[key()], &mut recent, 10), Ok(0));
         assert_eq!(
             adopt(&store, key(), &fetched, &recent, 10),
-            Ok(false),
+            Ok(None),
             "revoked"
         );
         let fresh = RecentRevocations::default();
-        assert_eq!(adopt(&store, key(), &fetched, &fresh, 10), Ok(true));
+        let report = adopt(&store, key(), &fetched, &fresh, 10).unwrap();
+        assert_eq!(report.map(|r| r.evicted), Some(0));
         let slot = store.fetch_slot(&key()).unwrap();
         assert!(matches!(
             crate::store::find(&slot, &key(), 10),

@@ -23,7 +23,7 @@ use split_token_core::request::{authorize, presented_key, Rejection, Verdict};
 use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use split_token_core::revoke::{self, Failure, RevocationError, RevocationPlan};
 use split_token_core::stats::Counter;
-use split_token_core::store::{HostStatus, SetError, SharedData, Store, StoreError};
+use split_token_core::store::{HostStatus, PutReport, SetError, SharedData, Store, StoreError};
 use split_token_core::token::StoreKey;
 use split_token_core::verify::{verify, VerifyError};
 use split_token_core::{Config, Route};
@@ -114,7 +114,10 @@ fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdErro
         vec![],
         Duration::from_millis(config.timeout_ms),
     )
-    .map_err(|_| EtcdError::NoAnswer { call: call.path })
+    .map_err(|status| EtcdError::NotDispatched {
+        call: call.path,
+        status: status as u32,
+    })
 }
 
 /// Envoy shared data behind the core's store trait.
@@ -157,6 +160,14 @@ impl Metrics {
         if let Some(Some(id)) = self.0.get(counter.index()) {
             let _ = hostcalls::increment_metric(*id, i64::from(n));
         }
+    }
+
+    /// The counters of one store write.
+    fn record_put(&self, report: &PutReport) {
+        self.add(Counter::StoreEvictions, report.evicted);
+        self.add(Counter::StoreExpiredDropped, report.expired);
+        self.add(Counter::StoreCasRetries, report.retries);
+        self.add(Counter::StoreCorruptSlots, u32::from(report.corrupt));
     }
 
     fn bump(&self, counter: Counter) {
@@ -722,6 +733,11 @@ impl SplitTokenHttp {
     fn hold_body(&mut self, state: State) -> Action {
         if self.request_header(":method").as_deref() != Some(b"POST") {
             self.state = State::Done;
+            self.metrics.bump(if state == State::Introspection {
+                Counter::IntrospectionsRefused
+            } else {
+                Counter::RevocationsInvalid
+            });
             let not_post = Failure::Request(RevocationError::NotPost);
             self.send(&revocation_failure(&not_post));
             return Action::Pause;
@@ -841,6 +857,7 @@ impl SplitTokenHttp {
                 }
                 Err(e) => {
                     log(LogLevel::Error, &format!("introspection: {e}"));
+                    self.metrics.bump(Counter::RejectedStoreUnavailable);
                     self.send(&Rejection::StoreUnavailable.reply(&self.config));
                     return Action::Pause;
                 }
@@ -1012,11 +1029,14 @@ impl SplitTokenHttp {
         };
         let adopted = match &fetched {
             Some(f) => etcd::adopt(&self.store(), key, f, &self.recent.borrow(), now()),
-            None => Ok(false),
+            None => Ok(None),
         };
         match adopted {
-            Ok(true) => self.metrics.bump(Counter::EtcdFetched),
-            Ok(false) => self.metrics.bump(Counter::EtcdNotFound),
+            Ok(Some(report)) => {
+                self.metrics.record_put(&report);
+                self.metrics.bump(Counter::EtcdFetched);
+            }
+            Ok(None) => self.metrics.bump(Counter::EtcdNotFound),
             Err(e) => {
                 // A valid token that cannot be kept here: 503, not an "unknown token" 401.
                 log(
@@ -1096,6 +1116,7 @@ impl SplitTokenHttp {
             if let Failure::Store(e) = &failure {
                 log(LogLevel::Error, &format!("revocation: {e}"));
             }
+            self.metrics.bump(Counter::RevocationsInvalid);
             self.send(&revocation_failure(&failure));
             return Action::Pause;
         }
@@ -1287,12 +1308,7 @@ impl SplitTokenHttp {
             Ok(report) => report,
             Err(e) => return self.fail_closed(IssueFailure::Store(&e)),
         };
-        self.metrics.add(Counter::StoreEvictions, report.evicted);
-        self.metrics
-            .add(Counter::StoreExpiredDropped, report.expired);
-        self.metrics.add(Counter::StoreCasRetries, report.retries);
-        self.metrics
-            .add(Counter::StoreCorruptSlots, u32::from(report.corrupt));
+        self.metrics.record_put(&report);
 
         let length = plan.body.len().to_string();
         let applied =
