@@ -7,6 +7,9 @@
 //! accepts, so probing each object with a field that cannot exist reads the accepted names off
 //! the real `Config::from_json`, nested objects and lists of objects included.
 
+// A test binary: a panic is how its helpers report a failure.
+#![allow(clippy::panic)]
+
 use split_token_core::config::Config;
 use split_token_core::stats::Counter;
 use std::collections::BTreeSet;
