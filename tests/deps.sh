@@ -9,6 +9,7 @@ mkdir -p "$deps"
 idp_version=7.2.1
 etcd_version=3.4.23-4+b4  # Debian etcd-server
 prometheus_version=2.42.0+ds-5+b6  # Debian prometheus, for promtool
+registry_version=2.8.2+ds1-1  # Debian docker-registry (CNCF distribution), for the OCI image test
 
 py_stamp="$deps/venv/.stamp"
 py_want=$(sha256sum "$root/tests/requirements.txt" | cut -d' ' -f1)
@@ -47,9 +48,30 @@ debian_unpack() {
 debian_unpack etcd-server "$etcd_version" etcd
 # promtool checks the shipped alerting rules (envoy/monitoring/).
 debian_unpack prometheus "$prometheus_version" prometheus
+# An OCI registry that tests/e2e/test_oci.py pushes the `just oci` images to.
+debian_unpack docker-registry "$registry_version" registry
+
+# CRD models (validators and type declarations of the Istio, Gateway API, Envoy Gateway and
+# Kubernetes schemas) and TypeScript for tests/manifests/check.py, pinned with their
+# dependencies by tests/manifests/package-lock.json. The packages declare Node >= 22; they run
+# on the Node 20 of these machines (npm only warns).
+install_manifest_models() {
+  local want
+  want=$(cat "$root/tests/manifests/package.json" "$root/tests/manifests/package-lock.json" | sha256sum | cut -d' ' -f1)
+  [ "$(cat "$deps/manifests/.stamp" 2>/dev/null)" != "$want" ] || return 0
+  echo "deps: CRD models for the manifest check (tests/manifests/package-lock.json) -> .deps/manifests"
+  rm -rf "${deps:?}/manifests"
+  mkdir -p "$deps/manifests"
+  cp "$root/tests/manifests/package.json" "$root/tests/manifests/package-lock.json" "$deps/manifests/"
+  npm ci --silent --no-audit --no-fund --prefix "$deps/manifests"
+  echo "$want" > "$deps/manifests/.stamp"
+}
+install_manifest_models
 
 etcd_reported=$("$deps/etcd/usr/bin/etcd" --version | sed -n 1p)
 [ "$etcd_reported" = "etcd Version: 3.4.23" ] || { echo "deps: wrong etcd: $etcd_reported" >&2; exit 1; }
 "$deps/venv/bin/envoy" --version | grep -q '/1.40.0/' || { echo "deps: wrong Envoy version" >&2; exit 1; }
 "$deps/prometheus/usr/bin/promtool" --version 2>&1 | grep -q 'version 2.42.0' || {
   echo "deps: wrong promtool" >&2; exit 1; }
+"$deps/registry/usr/bin/docker-registry" --version | grep -q ' 2.8.2+ds1$' || {
+  echo "deps: wrong docker-registry" >&2; exit 1; }

@@ -35,6 +35,20 @@ WASM = TARGET_DIR / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
 FAULT_WASM = TARGET_DIR / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
+WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+# The Envoy filter config the tests and benchmarks write, as each way of deploying the filter
+# makes it (issue 12). `envoy`: a hand-written config, as envoy/envoy.yaml: Envoy's
+# `allow_on_headers_stop_iteration` is set and the filter is told so, and a token response it
+# cannot split becomes a 502. `istio` and `envoy-gateway`: exactly what a WasmPlugin and an
+# EnvoyExtensionPolicy become (istio/istio pilot/pkg/model/extensions.go, envoyproxy/gateway
+# internal/xds/translator/wasm.go): no such flag, so the filter lets headers go on first and a
+# failed split resets the stream. `pytest --shape` (or SPLIT_TOKEN_SHAPE) picks one.
+SHAPES = ("envoy", "istio", "envoy-gateway")
+SHAPE = os.environ.get("SPLIT_TOKEN_SHAPE", "envoy")
+# Envoy Gateway names the filter per policy, adds it disabled and enables it on each route the
+# policy is attached to (here: every route, as a policy attached to the Gateway).
+EG_FILTER_NAME = "envoy.filters.http.wasm/envoyextensionpolicy/default/split-token/wasm/0"
+
 
 # Ports this process has handed out. A port picked free is let go before its user binds it, so
 # two picks made before either is bound could be the same port (Linux picks at random among
@@ -149,8 +163,10 @@ def start_idp(port: int, run_dir: Path, alg: str = "RS256", record: Path | None 
 
 
 def start_httpbin(port: int, run_dir: Path) -> Process:
+    # Keep-alive longer than Envoy's upstream idle timeout (1 s, envoy/envoy.yaml), so Envoy
+    # always closes an idle connection first and never sends on one gunicorn is closing.
     argv = [str(GUNICORN_BIN), "-b", f"127.0.0.1:{port}", "-w", "2", "--threads", "8",
-            "--access-logfile", "-", "httpbin:app"]
+            "--keep-alive", "10", "--access-logfile", "-", "httpbin:app"]
     p = Process("httpbin", argv, run_dir / f"httpbin-{port}.log")
     p.port = port
     wait_for("httpbin", lambda: http_ok(f"http://127.0.0.1:{port}/get"), proc=p.proc)
@@ -226,12 +242,102 @@ def _hcm(config: dict) -> dict:
     return listener["filter_chains"][0]["filters"][0]["typed_config"]
 
 
+def is_split_token(http_filter: dict) -> bool:
+    typed = http_filter.get("typed_config", {})
+    return typed.get("@type") == WASM_FILTER_TYPE and typed["config"].get("root_id") == "split-token"
+
+
 def wasm_filter(config: dict) -> dict:
     """The split-token filter's `config` block inside an Envoy config."""
     for f in _hcm(config)["http_filters"]:
-        if f["name"] == "split-token":
+        if is_split_token(f):
             return f["typed_config"]["config"]
     raise KeyError("split-token filter not found")
+
+
+def shaped_settings(value: str) -> str:
+    """The filter's JSON configuration as the current shape deploys it: in `envoy`, where Envoy
+    allows stopping in a headers callback, the filter is told so (unless the text says
+    otherwise); elsewhere it is never told so (a WasmPlugin's pluginConfig that said it would
+    stall). Added as text, so that any other byte (a duplicate key, odd spacing) stays."""
+    key = "allow_on_headers_stop_iteration"
+    head = value.lstrip()
+    if SHAPE != "envoy":
+        if key not in value:
+            return value
+        settings = json.loads(value)
+        settings.pop(key, None)
+        return json.dumps(settings)
+    if key in value or not head.startswith("{"):
+        return value
+    rest = head[1:].lstrip()
+    return '{"allow_on_headers_stop_iteration": true' + ("" if rest.startswith("}") else ", ") + rest
+
+
+def shape_http_filter(http_filter: dict) -> dict:
+    """The split-token HTTP filter entry as the current shape writes it."""
+    plugin = http_filter["typed_config"]["config"]
+    configuration = dict(plugin["configuration"], value=shaped_settings(plugin["configuration"]["value"]))
+    vm = plugin["vm_config"]
+    if SHAPE == "envoy":
+        config = {**plugin, "allow_on_headers_stop_iteration": True, "configuration": configuration}
+        return {**http_filter, "typed_config": {"@type": WASM_FILTER_TYPE, "config": config}}
+    if SHAPE == "istio":
+        # Name `<namespace>.<name>`, root_id the pluginName, no vm_id, the agent's local copy
+        # of the module, its environment variables, pluginConfig as JSON, the failure policy.
+        name = "istio-system.split-token"
+        config = {
+            "name": name, "root_id": plugin["root_id"],
+            "vm_config": {"runtime": vm["runtime"], "code": vm["code"], "environment_variables": {
+                "key_values": {"ISTIO_META_WASM_PLUGIN_RESOURCE_VERSION": "1"}}},
+            "configuration": configuration,
+            "failure_policy": plugin.get("failure_policy", "FAIL_CLOSED"),
+        }
+        return {"name": name, "typed_config": {"@type": WASM_FILTER_TYPE, "config": config}}
+    # envoy-gateway: the policy's wasm name, rootID, a vm_id of its own, the config as JSON,
+    # failOpen false; no failure policy of its own (a dead VM fails closed until Envoy restarts).
+    config = {
+        "name": "split-token", "root_id": plugin["root_id"],
+        "vm_config": {"vm_id": "envoyextensionpolicy/default/split-token/wasm/0",
+                      "runtime": vm["runtime"], "code": vm["code"]},
+        "configuration": configuration, "fail_open": False,
+    }
+    return {"name": EG_FILTER_NAME, "disabled": True,
+            "typed_config": {"@type": WASM_FILTER_TYPE, "config": config}}
+
+
+def introspection_route(path: str = "/auth/introspect", cluster: str = "idp") -> dict:
+    """The route of an introspection path as we recommend it in the current shape. The filter
+    answers such requests itself. Where it holds their headers, a direct_response 404 stops
+    whatever it might let through. Where it cannot, Envoy would answer a direct_response as
+    soon as the headers go on, before the filter read the body: then the path goes to the IdP's
+    own introspection endpoint, which reads the body first; the filter answers, and Envoy ends
+    the request to the IdP, which sees its headers only (not its credentials, which the filter
+    keeps)."""
+    if SHAPE == "envoy":
+        return {"match": {"path": path}, "direct_response": {"status": 404}}
+    return {"match": {"path": path}, "route": {"cluster": cluster, "prefix_rewrite": "/introspect"}}
+
+
+def apply_shape(config: dict) -> dict:
+    """Rewrites every split-token filter of a bootstrap config's static listeners in place as
+    the current shape writes it (and, for Envoy Gateway, enables it on every route)."""
+    for listener in config.get("static_resources", {}).get("listeners", []):
+        for chain in listener.get("filter_chains", []):
+            for network_filter in chain.get("filters", []):
+                hcm = network_filter.get("typed_config", {})
+                if "http_filters" not in hcm:
+                    continue
+                hcm["http_filters"] = [shape_http_filter(f) if is_split_token(f) else f
+                                       for f in hcm["http_filters"]]
+                if SHAPE != "envoy-gateway":
+                    continue
+                for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
+                    for route in vhost.get("routes", []):
+                        route.setdefault("typed_per_filter_config", {})[EG_FILTER_NAME] = {
+                            "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
+                            "config": {}}  # an empty Any: enabled, no per-route config
+    return config
 
 
 def filter_settings(config: dict) -> dict:
@@ -296,9 +402,14 @@ def write_lds(lds_path: Path, listener: dict):
 
 
 def static_cluster(name: str, port: int) -> dict:
-    """An HTTP/1.1 cluster of one loopback endpoint."""
+    """An HTTP/1.1 cluster of one loopback endpoint. Envoy closes idle connections after 1 s,
+    before any upstream here does (see envoy/envoy.yaml)."""
     return {
         "name": name, "type": "STATIC", "connect_timeout": "1s",
+        "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "common_http_protocol_options": {"idle_timeout": "1s"},
+            "explicit_http_config": {"http_protocol_options": {}}}},
         "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
             "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]},
     }
@@ -316,7 +427,7 @@ def wasm_http_filter(settings: dict) -> dict:
                 "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
                               "code": {"local": {"filename": str(WASM)}}},
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
-                                  "value": json.dumps(settings)},
+                                  "value": shaped_settings(json.dumps(settings))},
             },
         },
     }

@@ -63,6 +63,20 @@ BASE_FILTER = {
 }
 
 
+def pytest_addoption(parser):
+    parser.addoption("--shape", choices=stack.SHAPES, default=stack.SHAPE,
+                     help="the Envoy filter config to test under: hand-written (envoy), or what an "
+                          "Istio WasmPlugin or an Envoy Gateway EnvoyExtensionPolicy becomes")
+
+
+def pytest_configure(config):
+    stack.SHAPE = config.getoption("--shape")
+
+
+def pytest_report_header(config):
+    return f"split-token filter config shape: {stack.SHAPE}"
+
+
 @pytest.fixture(scope="session")
 def run_dir() -> Path:
     # Unique even for two sessions started in the same second: they would share logs, configs
@@ -154,6 +168,7 @@ def start_gateway(run_dir, idp, httpbin):
         )
         if customize:
             customize(config)
+        stack.apply_shape(config)
         name = name or f"envoy-{next(counter)}"
         listen_port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         lds_path = run_dir / f"{name}-lds" / "lds.json" if lds else None

@@ -6,9 +6,12 @@ import base64
 import http.client
 import json
 import os
+import socket
 import time
+import urllib.parse
 from dataclasses import dataclass
 
+import httpx
 import jwt
 import requests
 
@@ -99,6 +102,12 @@ class Gateway:
         data.update(form)
         return (session or requests).post(self.url + path, data=data, timeout=10)
 
+    def token_exchange(self, path: str = "/auth/token", **form) -> Exchange:
+        """A token request read as raw bytes (`h1`): what a client sees when a split fails."""
+        data = {"grant_type": "client_credentials", "client_id": "e2e", "client_secret": "s", **form}
+        body = urllib.parse.urlencode(data).encode()
+        return h1(self.envoy.port, "POST", path, [], body)
+
     def token(self, **form) -> str:
         r = self.token_response(**form)
         assert r.status_code == 200, r.text
@@ -135,9 +144,10 @@ class Gateway:
         code) and waits until Envoy has taken the update: returns "accepted" or "rejected"."""
         lds_path, listener = self.lds
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        (wasm,) = [f for f in hcm["http_filters"] if f["name"] == "split-token"]
+        (wasm,) = [f for f in hcm["http_filters"] if stack.is_split_token(f)]
         if settings is not None:
-            wasm["typed_config"]["config"]["configuration"]["value"] = json.dumps(settings)
+            value = stack.shaped_settings(json.dumps(settings))
+            wasm["typed_config"]["config"]["configuration"]["value"] = value
         if vm_id is not None:
             wasm["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
         if code is not None:
@@ -214,3 +224,168 @@ def revocations_since(idp, before: int, expected: int) -> list[dict]:
     else:
         time.sleep(0.3)
     return revocations(idp)[before:]
+
+
+# --- raw clients: what a client reading bytes gets ---------------------------------------------
+
+@dataclass
+class Exchange:
+    """What came back, raw: `broken` when the connection was cut or the framing was short."""
+
+    status: int | None
+    headers: dict[str, str]
+    body: bytes
+    raw: bytes
+    broken: bool = False
+    http2: bool = False
+
+    def json(self):
+        return json.loads(self.body)
+
+    def __repr__(self):
+        return f"Exchange({self.status}, broken={self.broken}, {self.headers}, {self.body[:200]!r})"
+
+
+def encode_value(value: str) -> bytes:
+    try:
+        return value.encode("latin-1")
+    except UnicodeEncodeError:
+        return value.encode("utf-8")
+
+
+FORM = b"application/x-www-form-urlencoded"
+
+
+def h1(port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"") -> Exchange:
+    """One HTTP/1.1 exchange on a raw socket: the bytes go out exactly as given."""
+    request = f"{method} {path} HTTP/1.1\r\nHost: corpus\r\nConnection: close\r\n".encode()
+    for name, value in headers:
+        request += name.encode() + b": " + value + b"\r\n"
+    if method == "POST":
+        if not any(name.lower() == "content-type" for name, _ in headers):
+            request += b"Content-Type: " + FORM + b"\r\n"
+        request += f"Content-Length: {len(body)}\r\n".encode()
+    request += b"\r\n" + body
+    raw, broken = b"", False
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        try:
+            # Stop at the end of the response: Envoy waits up to its delayed_close_timeout (1 s)
+            # for the client to close first.
+            while not _complete(raw) and (chunk := s.recv(65536)):
+                raw += chunk
+        except (ConnectionResetError, TimeoutError):
+            broken = True
+    return _parse_h1(raw, broken)
+
+
+def _complete(raw: bytes) -> bool:
+    x = _parse_h1(raw, False)
+    return x.status is not None and not x.broken and (
+        "content-length" in x.headers or "transfer-encoding" in x.headers or x.status in (204, 304))
+
+
+def _parse_h1(raw: bytes, broken: bool) -> Exchange:
+    head, sep, rest = raw.partition(b"\r\n\r\n")
+    if not sep:
+        return Exchange(None, {}, b"", raw, broken=True)
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ")[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    body = rest
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body, complete = b"", False
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            try:
+                size = int(size_line.split(b";")[0], 16)
+            except ValueError:
+                break
+            if size == 0:
+                complete = True
+                break
+            body += rest[:size]
+            rest = rest[size + 2:]
+        broken = broken or not complete
+    elif "content-length" in headers:
+        length = int(headers["content-length"])
+        body = rest[:length]
+        broken = broken or len(rest) < length
+    return Exchange(status, headers, body, raw, broken)
+
+
+def h2(port: int, method: str, path: str, headers: list[tuple[str, bytes]], body: bytes = b"") -> Exchange:
+    """One HTTP/2 exchange (prior knowledge, h2c)."""
+    hdrs = [(k.lower().encode(), v) for k, v in headers]
+    if method == "POST" and not any(k == b"content-type" for k, _ in hdrs):
+        hdrs.append((b"content-type", FORM))
+    received, status, resp_headers, broken, error = b"", None, {}, False, b""
+    with httpx.Client(http1=False, http2=True, timeout=30) as client:
+        try:
+            with client.stream(method, f"http://127.0.0.1:{port}{path}", headers=hdrs,
+                               content=body or None) as r:
+                status = r.status_code
+                resp_headers = {k.lower(): v for k, v in r.headers.items()}
+                for chunk in r.iter_raw():
+                    received += chunk
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.LocalProtocolError) as e:
+            broken = True
+            error = str(e).encode()
+    raw = json.dumps(resp_headers).encode() + b"\n" + received
+    if broken:
+        raw += b"\n" + error
+    return Exchange(status, resp_headers, received, raw, broken, http2=True)
+
+
+def headers_held() -> bool:
+    """Whether the filter may hold a token response's headers (the `envoy` shape)."""
+    return stack.SHAPE == "envoy"
+
+
+def assert_split_refused(x: Exchange, reason: str, resets: int | None = None,
+                         in_headers: bool = False, status: int = 502, error: str = "server_error"):
+    """A 200 token response the filter could not split, as the client got it, byte for byte.
+    Where the filter could hold the headers (Envoy allows it, or the failure was found
+    `in_headers`: an encoding, a response that ends with its headers): an OAuth error naming
+    `reason` (`status` and `error`: 502 server_error, or 503 temporarily_unavailable when etcd
+    is down), never the token. Otherwise the IdP's status line and headers went out before the
+    body was read: then the stream is reset and not one byte of body follows. `resets` is the
+    change of `split_resets`, when the caller has it."""
+    if headers_held() or in_headers:
+        assert x.status == status and not x.broken, x
+        assert x.headers.get("content-type") == "application/json", x
+        assert x.headers.get("content-encoding") is None, x
+        body = x.json()
+        assert body["error"] == error, body
+        assert reason in body["error_description"], body
+        assert resets in (None, 0), f"split_resets moved by {resets} on a 502"
+        return
+    assert x.status == 200 and x.broken, f"expected the IdP's 200 headers, then a reset: {x}"
+    assert x.body == b"", f"body bytes reached the client before the reset: {x.body[:200]!r}"
+    if not x.http2:  # HTTP/1.1: nothing at all after the header block
+        head, _, rest = x.raw.partition(b"\r\n\r\n")
+        assert rest == b"", f"bytes after the headers: {rest[:200]!r}"
+        assert x.headers.get("transfer-encoding") == "chunked", x
+    assert "content-length" not in x.headers, x
+    assert resets in (None, 1), f"split_resets moved by {resets} on a reset"
+
+
+def assert_not_forwarded(d: StatDelta, cluster: str = "idp"):
+    """No request that the filter answered itself (a revocation or introspection, decided on
+    its body) reached `cluster` whole. Where the filter holds the headers, none even started.
+    Otherwise its headers went on before the body was read: the upstream request may have
+    started, and then the gateway cancelled or reset it, and no answer came back from it."""
+    c = f"cluster.{cluster}"
+    if headers_held():
+        assert d[f"{c}.upstream_rq_total"] == 0 and d[f"{c}.upstream_rq_pending_total"] == 0
+        return
+    # Ended by the gateway: reset (HTTP/2), or its HTTP/1.1 connection closed under it; one
+    # still waiting for a connection is cancelled and never counts as started.
+    ended = ("upstream_rq_tx_reset", "upstream_cx_destroy_local_with_active_rq")
+    assert d[f"{c}.upstream_rq_total"] == sum(d[f"{c}.{k}"] for k in ended), \
+        {k: d[f"{c}.{k}"] for k in ("upstream_rq_total", *ended)}
+    answers = {k: d[f"{c}.upstream_rq_{k}"] for k in ("1xx", "2xx", "3xx", "4xx", "5xx")}
+    assert not any(answers.values()), f"{cluster} answered: {answers}"

@@ -78,15 +78,28 @@ async function main() {
       response.body.token_type = 'DPoP';
     }
   });
+  // A real IdP reads a revocation or introspection request before it answers (it needs the
+  // token); the mock answers them at once, unread. Read the whole body first, as an IdP does,
+  // so that a gateway which sends the headers before the body (no
+  // allow_on_headers_stop_iteration) meets the behaviour it meets in production. A layer of the
+  // app's router before its routes (after Express's own).
+  const app = server.service.requestHandler;
+  app.use((req, _res, next) => {
+    if (req.method !== 'POST' || !['/revoke', '/introspect'].includes(req.path)) return next();
+    let raw = '';
+    req.setEncoding('utf8');
+    req.on('data', (chunk) => { raw += chunk; });
+    req.on('end', () => { req.rawBody = raw; next(); });
+    return undefined;
+  });
+  const layers = app._router.stack;
+  const mine = layers.pop();
+  layers.splice(layers.findIndex((l) => l.name !== 'query' && l.name !== 'expressInit'), 0, mine);
   const record = option('--record');
   if (record) {
-    // The mock does not parse revocation bodies: read the form here.
     server.service.on('beforeRevoke', (_response, req) => {
-      let raw = '';
-      req.on('data', (chunk) => { raw += chunk; });
-      req.on('end', () => {
-        fs.appendFileSync(record, JSON.stringify(Object.fromEntries(new URLSearchParams(raw))) + '\n');
-      });
+      const form = Object.fromEntries(new URLSearchParams(req.rawBody || ''));
+      fs.appendFileSync(record, JSON.stringify(form) + '\n');
     });
   }
 

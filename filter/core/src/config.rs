@@ -70,6 +70,8 @@ struct RawConfig {
     #[serde(default = "defaults::recompute_route")]
     recompute_route: bool,
     #[serde(default)]
+    allow_on_headers_stop_iteration: bool,
+    #[serde(default)]
     etcd: Option<RawEtcd>,
 }
 
@@ -305,6 +307,12 @@ pub struct Config {
     pub local_cache_entries: usize,
     /// Have Envoy recompute the route after identity headers changed (when claims are mapped).
     pub recompute_route: bool,
+    /// Envoy lets this filter stop in a headers callback and still see the body (its own
+    /// `allow_on_headers_stop_iteration`, which Istio's WasmPlugin and Envoy Gateway cannot
+    /// set). Then held messages keep their headers until the body decided, and a token response
+    /// that cannot be split becomes a 502. Without it (the default, which cannot stall) headers
+    /// go on first and such a response is reset.
+    pub allow_on_headers_stop_iteration: bool,
     /// Tokens and revocations shared with other replicas through etcd, when configured.
     pub etcd: Option<EtcdConfig>,
 }
@@ -580,6 +588,7 @@ impl TryFrom<RawConfig> for Config {
             forward_jwt: raw.forward_jwt,
             local_cache_entries: raw.local_cache_entries,
             recompute_route: raw.recompute_route,
+            allow_on_headers_stop_iteration: raw.allow_on_headers_stop_iteration,
             challenge_invalid_token: format!("{challenge}, error=\"invalid_token\""),
             challenge_invalid_request: format!("{challenge}, error=\"invalid_request\""),
             challenge_dpop_invalid_token: format!(

@@ -5,6 +5,8 @@
 pub enum Counter {
     TokensSplit,
     SplitFailures,
+    SplitResets,
+    EarlyAnswersReset,
     TokenErrorsPassedThrough,
     LookupHit,
     FullJwtForwarded,
@@ -43,9 +45,11 @@ pub enum Counter {
 
 impl Counter {
     /// Every counter, in the order their metric ids are defined.
-    pub const ALL: [Counter; 36] = [
+    pub const ALL: [Counter; 38] = [
         Counter::TokensSplit,
         Counter::SplitFailures,
+        Counter::SplitResets,
+        Counter::EarlyAnswersReset,
         Counter::TokenErrorsPassedThrough,
         Counter::LookupHit,
         Counter::FullJwtForwarded,
@@ -87,6 +91,8 @@ impl Counter {
         match self {
             Self::TokensSplit => "split_token.tokens_split",
             Self::SplitFailures => "split_token.split_failures",
+            Self::SplitResets => "split_token.split_resets",
+            Self::EarlyAnswersReset => "split_token.early_answers_reset",
             Self::TokenErrorsPassedThrough => "split_token.token_errors_passed_through",
             Self::LookupHit => "split_token.lookup_hit",
             Self::FullJwtForwarded => "split_token.full_jwt_forwarded",

@@ -120,6 +120,15 @@ fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdErro
     })
 }
 
+/// Whether the response under way came from the upstream, not from Envoy itself (a local
+/// reply: a direct_response route, no route, no healthy upstream...).
+fn answered_by_upstream() -> bool {
+    matches!(
+        hostcalls::get_property(vec!["response", "code_details"]),
+        Ok(Some(details)) if details == b"via_upstream"
+    )
+}
+
 /// Envoy shared data behind the core's store trait.
 struct EnvoySharedData;
 
@@ -471,6 +480,9 @@ impl RootContext for SplitTokenRoot {
             pending: None,
             refetched: false,
             fetched: false,
+            request_headers_gone: false,
+            response_headers_gone: false,
+            introspection_authorization: None,
         }))
     }
 
@@ -533,6 +545,15 @@ struct SplitTokenHttp {
     refetched: bool,
     /// The token was already looked for in etcd: do not look again.
     fetched: bool,
+    /// The request's headers went on before its body was read (Envoy does not allow
+    /// `allow_on_headers_stop_iteration`): Envoy no longer lends them, and a read or write would
+    /// fail (and the SDK would panic).
+    request_headers_gone: bool,
+    /// The same for a token response's headers: the client has them, so a failure can only
+    /// reset the stream.
+    response_headers_gone: bool,
+    /// An introspection request's `Authorization`, read before its headers went on.
+    introspection_authorization: Option<Vec<u8>>,
 }
 
 /// What a held request or response waits for.
@@ -669,8 +690,19 @@ impl SplitTokenHttp {
             }
         }
         self.metrics.bump(Counter::SplitFailures);
-        self.send(&issue_failure(failure));
         self.state = State::Done;
+        if self.response_headers_gone {
+            // The client has the IdP's 200 headers but no byte of its body: reset, so the
+            // answer ends there, unfinished. (Envoy defers the reset and always reports Ok.)
+            self.metrics.bump(Counter::SplitResets);
+            log(
+                LogLevel::Warn,
+                "token response reset: its headers had gone out (allow_on_headers_stop_iteration is off)",
+            );
+            let _ = hostcalls::reset_http_response();
+            return Action::Pause;
+        }
+        self.send(&issue_failure(failure));
         Action::Pause
     }
 
@@ -743,7 +775,20 @@ impl SplitTokenHttp {
             return Action::Pause;
         }
         self.state = state;
-        Action::Pause
+        if self.config.allow_on_headers_stop_iteration {
+            return Action::Pause;
+        }
+        // Envoy would stop everything on a pause here, the body included: let the headers go on
+        // and hold the body instead. Its length may change (a revocation carries the full JWT
+        // on), so it goes on without one; an introspection's credentials are kept here and do
+        // not go on at all.
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", None);
+        if state == State::Introspection {
+            self.introspection_authorization = self.request_header("authorization");
+            let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
+        }
+        self.request_headers_gone = true;
+        Action::Continue
     }
 
     fn request_body(&self, body_size: usize) -> Vec<u8> {
@@ -814,12 +859,13 @@ impl SplitTokenHttp {
     fn forward_body(&mut self, body: &[u8], body_size: usize) -> Action {
         let length = body.len().to_string();
         let applied = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, body)
-            .and_then(|()| {
-                hostcalls::set_map_value(
+            .and_then(|()| match self.request_headers_gone {
+                true => Ok(()), // sent without a length (`hold_body`)
+                false => hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     "content-length",
                     Some(&length),
-                )
+                ),
             });
         if applied.is_err() {
             // Revoked here already; the IdP just does not hear of it. Never forward the
@@ -840,7 +886,10 @@ impl SplitTokenHttp {
         let Some(clients) = self.config.introspection.as_ref() else {
             return Action::Continue;
         };
-        let authorization = self.request_header("authorization");
+        let authorization = match self.request_headers_gone {
+            true => self.introspection_authorization.clone(),
+            false => self.request_header("authorization"),
+        };
         let outcome = if authenticate(clients, authorization.as_deref()) {
             let body = self.request_body(body_size);
             match introspect(&self.store(), &body, now()) {
@@ -1313,12 +1362,13 @@ impl SplitTokenHttp {
         let length = plan.body.len().to_string();
         let applied =
             hostcalls::set_buffer(BufferType::HttpResponseBody, 0, self.body_size, &plan.body)
-                .and_then(|()| {
-                    hostcalls::set_map_value(
+                .and_then(|()| match self.response_headers_gone {
+                    true => Ok(()), // the client has the headers: the body goes out chunked
+                    false => hostcalls::set_map_value(
                         MapType::HttpResponseHeaders,
                         "content-length",
                         Some(&length),
-                    )
+                    ),
                 });
         if let Err(status) = applied {
             let e = StoreError::Host {
@@ -1433,8 +1483,11 @@ impl Context for SplitTokenHttp {
             let _ = if response {
                 hostcalls::resume_http_response()
             } else {
-                // The identity headers were set after the headers callback: route on them.
-                self.recompute_route();
+                // The identity headers were set after the headers callback: route on them
+                // (unless the headers went on already, routed).
+                if !self.request_headers_gone {
+                    self.recompute_route();
+                }
                 hostcalls::resume_http_request()
             };
         }
@@ -1466,6 +1519,27 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        if self.request_headers_gone && self.state != State::Done {
+            // An answer to a request the filter has not decided yet (`hold_body`): Envoy will
+            // not hand the filter the rest of that request, so it can never decide it, and
+            // holding the answer would stall the client.
+            self.state = State::Done;
+            if answered_by_upstream() {
+                // The upstream answered without the body the filter decides on: that answer
+                // cannot stand for the filter's (a revocation it never made, an introspection
+                // of a bare signature). Fail closed: reset.
+                self.metrics.bump(Counter::EarlyAnswersReset);
+                log(
+                    LogLevel::Warn,
+                    "request reset: its upstream answered before the filter read the body (route it to an upstream that reads the request first)",
+                );
+                let _ = hostcalls::reset_http_response();
+                return Action::Pause;
+            }
+            // Envoy answered it itself (a direct_response route, no healthy upstream). That
+            // answer carries no token and tells the client the request failed: let it go.
+            return Action::Continue;
+        }
         if self.state != State::TokenEndpoint {
             return Action::Continue;
         }
@@ -1480,8 +1554,11 @@ impl HttpContext for SplitTokenHttp {
             ResponseAction::Fail(e) => self.fail_closed(IssueFailure::Split(&e)),
             ResponseAction::Split => {
                 // The body changes, so its length and validators go; the new length is set once
-                // known. Headers are held back (this needs `allow_on_headers_stop_iteration`) so a
-                // failure can still become a 502 instead of the IdP's 200.
+                // known. With `allow_on_headers_stop_iteration` the headers are held back, so a
+                // failure can still become a 502 instead of the IdP's 200. Without it a pause here
+                // would stop the body too: the headers go on (the body then goes out chunked) and
+                // the body is held until it is split, so a failure resets the stream before any
+                // byte of it left.
                 for stale in [
                     "content-length",
                     "etag",
@@ -1493,7 +1570,11 @@ impl HttpContext for SplitTokenHttp {
                     let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, stale, None);
                 }
                 self.state = State::Buffering;
-                Action::Pause
+                if self.config.allow_on_headers_stop_iteration {
+                    return Action::Pause;
+                }
+                self.response_headers_gone = true;
+                Action::Continue
             }
         }
     }
