@@ -60,7 +60,8 @@ e2e *args: deps build build-fault
       status=0
       {{venv}}/bin/pytest --shape "$shape" tests/e2e/test_issuance.py tests/e2e/test_rejections.py \
         tests/e2e/test_fail_closed.py tests/e2e/test_identity.py tests/e2e/test_lifecycle.py \
-        tests/e2e/test_replicas.py tests/e2e/test_corpus.py {{args}} || status=$?
+        tests/e2e/test_replicas.py tests/e2e/test_corpus.py tests/e2e/test_monitoring.py \
+        {{args}} || status=$?
       # 5: extra args (say -k) selected none of these suites
       [ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"
     done

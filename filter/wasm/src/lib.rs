@@ -120,13 +120,15 @@ fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdErro
     })
 }
 
-/// Whether the response under way came from the upstream, not from Envoy itself (a local
-/// reply: a direct_response route, no route, no healthy upstream...).
-fn answered_by_upstream() -> bool {
-    matches!(
+/// Whether the response under way is an error Envoy made itself (a local reply with status
+/// 400 or above: no healthy upstream, a direct_response 404...), as opposed to an upstream's
+/// answer or anything the filter cannot tell (unknown details count as the upstream's).
+fn envoy_error(status: &[u8]) -> bool {
+    let local = matches!(
         hostcalls::get_property(vec!["response", "code_details"]),
-        Ok(Some(details)) if details == b"via_upstream"
-    )
+        Ok(Some(details)) if !details.is_empty() && details != b"via_upstream"
+    );
+    local && status.len() == 3 && matches!(status.first(), Some(b'4' | b'5'))
 }
 
 /// Envoy shared data behind the core's store trait.
@@ -524,6 +526,9 @@ enum State {
     Buffering,
     /// Held while a call (keys or etcd) is under way: its token; `pending` says what for.
     Waiting(u32),
+    /// A request whose headers went on undecided and that was answered before the filter read
+    /// its body: the body never goes on, and call answers are ignored.
+    Abandoned,
     /// Decided; let everything else through.
     Done,
 }
@@ -1057,9 +1062,12 @@ impl SplitTokenHttp {
                 self.metrics.bump(Counter::RejectedStoreUnavailable);
                 self.send(&Rejection::StoreUnavailable.reply(&self.config));
             }
-            AfterFetch::Revoke { .. } | AfterFetch::Introspect { .. } => {
+            AfterFetch::Introspect { .. } => {
+                self.metrics.bump(Counter::RejectedStoreUnavailable);
                 self.send(&shared_store_unavailable())
             }
+            // Counted in etcd.failures: a revocation etcd could not take revokes nothing.
+            AfterFetch::Revoke { .. } => self.send(&shared_store_unavailable()),
         }
         Action::Pause
     }
@@ -1522,23 +1530,24 @@ impl HttpContext for SplitTokenHttp {
         if self.request_headers_gone && self.state != State::Done {
             // An answer to a request the filter has not decided yet (`hold_body`): Envoy will
             // not hand the filter the rest of that request, so it can never decide it, and
-            // holding the answer would stall the client.
-            self.state = State::Done;
-            if answered_by_upstream() {
-                // The upstream answered without the body the filter decides on: that answer
-                // cannot stand for the filter's (a revocation it never made, an introspection
-                // of a bare signature). Fail closed: reset.
-                self.metrics.bump(Counter::EarlyAnswersReset);
-                log(
-                    LogLevel::Warn,
-                    "request reset: its upstream answered before the filter read the body (route it to an upstream that reads the request first)",
-                );
-                let _ = hostcalls::reset_http_response();
-                return Action::Pause;
+            // holding the answer would stall the client. Whatever happens, the body stays.
+            self.state = State::Abandoned;
+            self.metrics.bump(Counter::EarlyAnswers);
+            let status = self.response_header(":status").unwrap_or_default();
+            if envoy_error(&status) {
+                // Envoy failed the request itself (no healthy upstream, a direct_response
+                // error): that answer carries no token and says the request failed.
+                return Action::Continue;
             }
-            // Envoy answered it itself (a direct_response route, no healthy upstream). That
-            // answer carries no token and tells the client the request failed: let it go.
-            return Action::Continue;
+            // The upstream answered without the body the filter decides on, or Envoy answered
+            // with a success: neither can stand for the filter's answer (a revocation it never
+            // made, an introspection of a bare signature). Fail closed: reset.
+            log(
+                LogLevel::Warn,
+                "request reset: it was answered before the filter read its body (route it to an upstream that reads the request first)",
+            );
+            let _ = hostcalls::reset_http_response();
+            return Action::Pause;
         }
         if self.state != State::TokenEndpoint {
             return Action::Continue;
@@ -1580,7 +1589,7 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        if let State::Waiting(_) = self.state {
+        if let State::Waiting(_) | State::Abandoned = self.state {
             // Held until etcd answers: a body going on would take the headers with it.
             return Action::Pause;
         }
@@ -1612,7 +1621,7 @@ impl HttpContext for SplitTokenHttp {
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        if let State::Waiting(_) = self.state {
+        if let State::Waiting(_) | State::Abandoned = self.state {
             return Action::Pause;
         }
         if !matches!(self.state, State::Revocation | State::Introspection) {
