@@ -6,7 +6,11 @@ envoy := venv / "bin/envoy"
 # Cargo's target directory, as cargo resolves it: CARGO_TARGET_DIR when set, else target/.
 # Exported as an absolute path, so cargo and the Python tests agree on where the .wasm is.
 export CARGO_TARGET_DIR := absolute_path(env("CARGO_TARGET_DIR", "target"))
-wasm := CARGO_TARGET_DIR / "wasm32-wasip1/release/split_token_filter.wasm"
+# The shipped module: cargo's release .wasm after wasm-opt (tests/wasm-opt.sh).
+cargo_wasm := CARGO_TARGET_DIR / "wasm32-wasip1/release/split_token_filter.wasm"
+wasm := CARGO_TARGET_DIR / "dist/split_token_filter.wasm"
+# The shipped module's size limit: it must fit a Kubernetes ConfigMap (1 MiB, binaryData base64)
+max_wasm_bytes := "786000"
 
 default:
     @just --list
@@ -19,10 +23,13 @@ deps:
 toolchain:
     tests/toolchain.sh
 
-# Build the release .wasm (the plain cargo command: the workspace's default members are the filter)
+# Build the shipped .wasm: the plain cargo command (the workspace's default members are the filter), then wasm-opt
 build: toolchain
     cargo build --release --target wasm32-wasip1
-    @ls -l {{wasm}} | awk '{print "built {{wasm}} (" $5 " bytes)"}'
+    tests/wasm-opt.sh {{cargo_wasm}} {{wasm}}
+    @ls -l {{cargo_wasm}} {{wasm}} | awk '{print "built " $9 " (" $5 " bytes)"}'
+    @size=$(stat -c %s {{wasm}}); [ "$size" -le {{max_wasm_bytes}} ] || \
+      { echo "build: {{wasm}} is $size bytes, over {{max_wasm_bytes}} (a ConfigMap's 1 MiB as base64)" >&2; exit 1; }
 
 # The release .wasm as OCI image layouts for Istio and Envoy Gateway (Wasm artifact, compat image) in $CARGO_TARGET_DIR/oci: just oci [--tag TAG]
 oci *args: deps build

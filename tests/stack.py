@@ -31,7 +31,9 @@ IDP_SCRIPT = ROOT / "tests" / "idp" / "server.js"
 # Cargo's target directory: CARGO_TARGET_DIR when set (the justfile exports it, absolute), else
 # target/ at the root. A relative value is taken from the root, where the recipes run cargo.
 TARGET_DIR = ROOT / os.environ.get("CARGO_TARGET_DIR", "target")
-WASM = TARGET_DIR / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
+# The shipped module (`just build`: cargo's output after wasm-opt), and cargo's own output.
+WASM = TARGET_DIR / "dist" / "split_token_filter.wasm"
+CARGO_WASM = TARGET_DIR / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
 FAULT_WASM = TARGET_DIR / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 
@@ -415,8 +417,9 @@ def static_cluster(name: str, port: int) -> dict:
     }
 
 
-def wasm_http_filter(settings: dict) -> dict:
-    """The split-token HTTP filter entry, as the shipped configs write it, for generated configs."""
+def wasm_http_filter(settings: dict, code: Path | None = None) -> dict:
+    """The split-token HTTP filter entry, as the shipped configs write it, for generated configs
+    (`code`: another module than the shipped one, under the same vm_id)."""
     return {
         "name": "split-token",
         "typed_config": {
@@ -425,7 +428,7 @@ def wasm_http_filter(settings: dict) -> dict:
                 "name": "split-token", "root_id": "split-token", "failure_policy": "FAIL_RELOAD",
                 "allow_on_headers_stop_iteration": True,
                 "vm_config": {"vm_id": "split-token", "runtime": "envoy.wasm.runtime.v8",
-                              "code": {"local": {"filename": str(WASM)}}},
+                              "code": {"local": {"filename": str(code or WASM)}}},
                 "configuration": {"@type": "type.googleapis.com/google.protobuf.StringValue",
                                   "value": shaped_settings(json.dumps(settings))},
             },

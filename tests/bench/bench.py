@@ -121,7 +121,7 @@ def main() -> int:
     try:
         jwks = requests.get(f"http://127.0.0.1:{idp.port}/jwks", timeout=5).text
         ports = {name: stack.free_port() for name in
-                 ("bare", "floor", "hit", "hitrev", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache",
+                 ("bare", "floor", "hit", "hitnoopt", "hitrev", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache",
                   "issue", "issue_bare")}
         base = {"token_paths": ["/auth/token"], "public_prefixes": ["/public/"],
                 "store_slots": 65536}
@@ -131,6 +131,9 @@ def main() -> int:
             listener("bare", ports["bare"], [], [ok_route]),
             listener("floor", ports["floor"], [wasm_filter(base)], [ok_route]),
             listener("hit", ports["hit"], [wasm_filter(base)], [idp_route, ok_route]),
+            # cargo's output before wasm-opt, under the same vm_id (so the same store): what the
+            # size optimizations cost on the hot path.
+            listener("hitnoopt", ports["hitnoopt"], [wasm_filter(base, code=stack.CARGO_WASM)], [ok_route]),
             # Revocation on: every request also reads the revocation epoch from shared data.
             listener("hitrev", ports["hitrev"], [wasm_filter({**base, "revocation_paths": ["/auth/revoke"]})],
                      [idp_route, ok_route]),
@@ -165,6 +168,7 @@ def main() -> int:
             "bare Envoy (no filter)": (url("bare"), None, "200"),
             "filter loaded, public path (floor)": (url("floor", "/public/x"), None, "200"),
             "token hit, 0 claim headers": (url("hit"), f"Bearer {sig}", "200"),
+            "token hit, 0 claim headers, module before wasm-opt": (url("hitnoopt"), f"Bearer {sig}", "200"),
             "token hit, 0 claim headers, revocation on": (url("hitrev"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers": (url("hit3"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers, recompute_route off": (url("hit3k"), f"Bearer {sig}", "200"),
@@ -192,6 +196,7 @@ def main() -> int:
         issue_added = statistics.median(issue["issue"]) - statistics.median(issue["issue_bare"])
 
         wasm_size = stack.WASM.stat().st_size
+        cargo_wasm_size = stack.CARGO_WASM.stat().st_size
         med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
                for name, rs in results.items()}
         bare, floor = med["bare Envoy (no filter)"], med["filter loaded, public path (floor)"]
@@ -208,11 +213,11 @@ def main() -> int:
         print(table)
         print()
         print(issuance)
-        print(f".wasm size: {wasm_size} bytes")
+        print(f".wasm size: {wasm_size} bytes shipped (after wasm-opt), {cargo_wasm_size} bytes from cargo")
         if args.json:
             args.json.write_text(json.dumps({
                 "machine": machine(), "rounds": args.rounds, "requests": args.requests,
-                "clients": args.clients, "table": table, "issuance": issuance, "wasm_size": wasm_size,
+                "clients": args.clients, "table": table, "issuance": issuance, "wasm_size": wasm_size, "cargo_wasm_size": cargo_wasm_size,
                 "median": med, "issue_ms": {k: statistics.median(v) for k, v in issue.items()},
                 "command": results["token hit, 0 claim headers"][0]["cmd"],
             }, indent=1))

@@ -482,7 +482,7 @@ def default_wasm() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR") or "target")
     if not target.is_absolute():
         target = ROOT / target
-    return target.resolve() / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
+    return target.resolve() / "dist" / "split_token_filter.wasm"
 
 
 def main() -> int:
@@ -496,7 +496,7 @@ def main() -> int:
     parser.add_argument("--envoy", type=Path, default=ENVOY)
     parser.add_argument("--wasm", type=Path, default=None,
                         help="the built filter (default: $CARGO_TARGET_DIR or target/, "
-                             "wasm32-wasip1/release/split_token_filter.wasm)")
+                             "dist/split_token_filter.wasm)")
     args = parser.parse_args()
 
     if not (NODE_MODULES / ".bin" / "tsc").exists():
