@@ -7,9 +7,9 @@ deps="$root/.deps"
 mkdir -p "$deps"
 
 idp_version=7.2.1
-etcd_version=3.4.23-4+b4  # Debian etcd-server
-prometheus_version=2.42.0+ds-5+b6  # Debian prometheus, for promtool
-registry_version=2.8.2+ds1-1  # Debian docker-registry (CNCF distribution), for the OCI image test
+etcd_version=3.4.23  # Debian etcd-server (upstream version; any Debian revision)
+prometheus_version=2.42.0  # Debian prometheus, for promtool
+registry_version=2.8.2  # Debian docker-registry (CNCF distribution), for the OCI image test
 
 py_stamp="$deps/venv/.stamp"
 py_want=$(sha256sum "$root/tests/requirements.txt" | cut -d' ' -f1)
@@ -28,18 +28,27 @@ if [ "$(cat "$idp_stamp" 2>/dev/null)" != "$idp_version" ]; then
   echo "$idp_version" > "$idp_stamp"
 fi
 
-# A Debian package unpacked into .deps/<dir> (nothing is installed system-wide), kept until its
-# pin changes.
+# A Debian package unpacked into .deps/<dir> (nothing is installed system-wide), pinned by its
+# upstream version: Debian moves the revision (point releases, security fixes, rebuilds) and
+# drops the old one from the archive, so a pin of the whole version breaks (seen: prometheus
+# 2.42.0+ds-5+b6 became 2.42.0+ds-5+deb12u1). Kept until the upstream pin changes.
 debian_unpack() {
-  local package=$1 version=$2 dir=$3 tmp
-  [ "$(cat "$deps/$dir/.stamp" 2>/dev/null)" != "$version" ] || return 0
-  echo "deps: $package $version (Debian package, unpacked) -> .deps/$dir"
+  local package=$1 upstream=$2 dir=$3 tmp version
+  case "$(cat "$deps/$dir/.stamp" 2>/dev/null)" in "$upstream"[+-~]*) return 0 ;; esac
+  candidate() { apt-cache policy "$package" 2>/dev/null | sed -n 's/^  Candidate: //p'; }
   tmp=$(mktemp -d)
   # Downloading as root, apt warns that it runs "unsandboxed"; root is who we are, so say so.
   download() { (cd "$tmp" && apt-get download -qq -o APT::Sandbox::User=root "$package=$version"); }
-  # A stale package list may not know the pin yet: refresh it once, then fail loudly.
-  download 2>/dev/null || { apt-get update -qq && download; } || {
-    echo "deps: apt-get download $package=$version failed" >&2; rm -rf "$tmp"; exit 1; }
+  version=$(candidate)
+  # A stale or missing package list may not know the package yet: refresh it once.
+  case "$version" in "$upstream"[+-~]*) download 2>/dev/null ;; *) false ;; esac || {
+    apt-get update -qq; version=$(candidate)
+    case "$version" in "$upstream"[+-~]*) ;; *)
+      echo "deps: Debian offers $package '${version:-none}', not upstream $upstream" >&2; rm -rf "$tmp"; exit 1 ;;
+    esac
+    download || { echo "deps: apt-get download $package=$version failed" >&2; rm -rf "$tmp"; exit 1; }
+  }
+  echo "deps: $package $version (Debian package, unpacked) -> .deps/$dir"
   rm -rf "${deps:?}/$dir"
   dpkg-deb -x "$tmp/${package}_"*.deb "$deps/$dir"
   rm -rf "$tmp"
@@ -73,5 +82,5 @@ etcd_reported=$("$deps/etcd/usr/bin/etcd" --version | sed -n 1p)
 "$deps/venv/bin/envoy" --version | grep -q '/1.40.0/' || { echo "deps: wrong Envoy version" >&2; exit 1; }
 "$deps/prometheus/usr/bin/promtool" --version 2>&1 | grep -q 'version 2.42.0' || {
   echo "deps: wrong promtool" >&2; exit 1; }
-"$deps/registry/usr/bin/docker-registry" --version | grep -q ' 2.8.2+ds1$' || {
+"$deps/registry/usr/bin/docker-registry" --version | grep -q ' 2.8.2+' || {
   echo "deps: wrong docker-registry" >&2; exit 1; }
