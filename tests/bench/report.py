@@ -109,7 +109,7 @@ per-request log. Command per row (token elided): `{t['command']}`.
 
 {t['issuance']}
 
-Release `.wasm`: {t['wasm_size']:,} bytes as shipped (`just build`: cargo's {t.get('cargo_wasm_size', t['wasm_size']):,} bytes after wasm-opt).
+Release `.wasm`: {t['wasm_size']:,} bytes as shipped (`just build`: cargo's output, {t.get('cargo_wasm_size', t['wasm_size']):,} bytes, after wasm-opt).
 
 ![throughput](bench-throughput.svg)
 
