@@ -485,9 +485,13 @@ def test_token_response(corpus, row):
         assert x.broken or (x.status or 0) >= 500, x
         if x.status == 200:  # the headers had gone out: then not one byte of body followed
             assert x.body == b"", x
+    elif row.get("over_envoy_buffer") and x.status == 500 and not x.broken:
+        # Envoy's own answer to a buffer overflow, which may come before the filter's.
+        assert (x.headers.get("content-type"), x.body) == ("text/plain", b"Internal Server Error"), x
     else:
-        assert_split_refused(x, expect["fail"], resets=d.split_token("split_resets"),
-                             in_headers=row.get("in_headers", False))
+        # (Envoy's own reset of an overflow, after the headers, moves no filter counter.)
+        resets = None if row.get("over_envoy_buffer") else d.split_token("split_resets")
+        assert_split_refused(x, expect["fail"], resets=resets, in_headers=row.get("in_headers", False))
     if main_sig:
         # Nothing was stored: the signature is unknown to the gateway.
         api = API + "after-" + row["id"]
