@@ -120,6 +120,15 @@ fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdErro
     })
 }
 
+/// Sets a rewritten message's `content-length`, unless its headers went on before its body was
+/// read: then they went without one (the body goes out chunked), and Envoy no longer lends them.
+fn set_length(headers: MapType, headers_gone: bool, length: usize) -> Result<(), Status> {
+    if headers_gone {
+        return Ok(());
+    }
+    hostcalls::set_map_value(headers, "content-length", Some(&length.to_string()))
+}
+
 /// Whether the response under way is an error Envoy made itself (a local reply with status
 /// 400 or above: no healthy upstream, a direct_response 404...), as opposed to an upstream's
 /// answer or anything the filter cannot tell (unknown details count as the upstream's).
@@ -557,7 +566,8 @@ struct SplitTokenHttp {
     /// The same for a token response's headers: the client has them, so a failure can only
     /// reset the stream.
     response_headers_gone: bool,
-    /// An introspection request's `Authorization`, read before its headers went on.
+    /// An introspection request's `Authorization`, read in its headers callback (they may go on
+    /// before the body is read).
     introspection_authorization: Option<Vec<u8>>,
 }
 
@@ -780,16 +790,18 @@ impl SplitTokenHttp {
             return Action::Pause;
         }
         self.state = state;
+        if state == State::Introspection {
+            // Read now: the headers may go on before the body decides.
+            self.introspection_authorization = self.request_header("authorization");
+        }
         if self.config.allow_on_headers_stop_iteration {
             return Action::Pause;
         }
         // Envoy would stop everything on a pause here, the body included: let the headers go on
         // and hold the body instead. Its length may change (a revocation carries the full JWT
-        // on), so it goes on without one; an introspection's credentials are kept here and do
-        // not go on at all.
+        // on), so it goes on without one; an introspection's credentials stay here.
         let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "content-length", None);
         if state == State::Introspection {
-            self.introspection_authorization = self.request_header("authorization");
             let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, "authorization", None);
         }
         self.request_headers_gone = true;
@@ -862,15 +874,13 @@ impl SplitTokenHttp {
 
     /// Forwards a revocation with the full JWT in place of the signature.
     fn forward_body(&mut self, body: &[u8], body_size: usize) -> Action {
-        let length = body.len().to_string();
         let applied = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, body_size, body)
-            .and_then(|()| match self.request_headers_gone {
-                true => Ok(()), // sent without a length (`hold_body`)
-                false => hostcalls::set_map_value(
+            .and_then(|()| {
+                set_length(
                     MapType::HttpRequestHeaders,
-                    "content-length",
-                    Some(&length),
-                ),
+                    self.request_headers_gone,
+                    body.len(),
+                )
             });
         if applied.is_err() {
             // Revoked here already; the IdP just does not hear of it. Never forward the
@@ -891,11 +901,8 @@ impl SplitTokenHttp {
         let Some(clients) = self.config.introspection.as_ref() else {
             return Action::Continue;
         };
-        let authorization = match self.request_headers_gone {
-            true => self.introspection_authorization.clone(),
-            false => self.request_header("authorization"),
-        };
-        let outcome = if authenticate(clients, authorization.as_deref()) {
+        let authorization = self.introspection_authorization.as_deref();
+        let outcome = if authenticate(clients, authorization) {
             let body = self.request_body(body_size);
             match introspect(&self.store(), &body, now()) {
                 Ok(outcome) => {
@@ -1367,16 +1374,11 @@ impl SplitTokenHttp {
         };
         self.metrics.record_put(&report);
 
-        let length = plan.body.len().to_string();
         let applied =
             hostcalls::set_buffer(BufferType::HttpResponseBody, 0, self.body_size, &plan.body)
-                .and_then(|()| match self.response_headers_gone {
-                    true => Ok(()), // the client has the headers: the body goes out chunked
-                    false => hostcalls::set_map_value(
-                        MapType::HttpResponseHeaders,
-                        "content-length",
-                        Some(&length),
-                    ),
+                .and_then(|()| {
+                    let gone = self.response_headers_gone;
+                    set_length(MapType::HttpResponseHeaders, gone, plan.body.len())
                 });
         if let Err(status) = applied {
             let e = StoreError::Host {
