@@ -331,16 +331,10 @@ def test_envoy_loads_the_module_from_the_registry_and_splits_tokens(built, pulle
     digest_hex = wasm_layer_hex(pulled)
     module_hex = hashlib.sha256(built.module).hexdigest()
     assert digest_hex == module_hex, (digest_hex, module_hex)
-    gw = start_gateway(name="envoy-oci", customize=from_registry(registry, digest_hex, module_hex),
-                       extra_clusters=[stack.static_cluster("oci-registry", registry.port)])
+    gw = gateway_from_registry(start_gateway, registry, "envoy-oci", digest_hex, module_hex)
     code = stack.wasm_filter(gw.envoy.config)["vm_config"]["code"]
     assert list(code) == ["remote"], code
-    stats = gw.stats()
-    got = {k: stats.get(k, 0) for k in ("wasm.remote_load_fetch_successes",
-                                        "wasm.remote_load_fetch_failures",
-                                        "cluster.oci-registry.upstream_rq_200")}
-    assert got == {"wasm.remote_load_fetch_successes": 1, "wasm.remote_load_fetch_failures": 0,
-                   "cluster.oci-registry.upstream_rq_200": 1}, got
+    assert fetch_stats(gw) == {"successes": 1, "failures": 0, "registry 200s": 1}
     token = gw.token()
     assert token and "." not in token and re.fullmatch(r"[A-Za-z0-9_-]+", token), token
     r = gw.call(f"Bearer {token}")
@@ -349,26 +343,35 @@ def test_envoy_loads_the_module_from_the_registry_and_splits_tokens(built, pulle
     assert full.startswith("Bearer ") and full.endswith("." + token) and full.count(".") == 2, full
 
 
+def gateway_from_registry(start_gateway, registry, name: str, digest_hex: str, sha256: str,
+                          **options):
+    """A gateway whose module Envoy fetches from the registry's blob, checked against `sha256`."""
+    return start_gateway(name=name, customize=from_registry(registry, digest_hex, sha256),
+                         extra_clusters=[stack.static_cluster("oci-registry", registry.port)],
+                         **options)
+
+
+def fetch_stats(gw) -> dict[str, int]:
+    """How Envoy's remote fetch of the module went, and what the registry answered."""
+    stats = gw.stats()
+    return {"successes": stats.get("wasm.remote_load_fetch_successes", 0),
+            "failures": stats.get("wasm.remote_load_fetch_failures", 0),
+            "registry 200s": stats.get("cluster.oci-registry.upstream_rq_200", 0)}
+
+
 def test_envoy_refuses_the_module_under_a_wrong_sha256(built, pulled, registry, start_gateway):
     digest_hex = wasm_layer_hex(pulled)
     wrong = ("1" if digest_hex[0] == "0" else "0") + digest_hex[1:]
     # config:debug makes Envoy say why it refused the fetched bytes.
-    gw = start_gateway(name="envoy-oci-wrong-sha",
-                       customize=from_registry(registry, digest_hex, wrong),
-                       extra_clusters=[stack.static_cluster("oci-registry", registry.port)],
-                       extra_args=["--component-log-level", "config:debug"])
+    gw = gateway_from_registry(start_gateway, registry, "envoy-oci-wrong-sha", digest_hex, wrong,
+                               extra_args=["--component-log-level", "config:debug"])
     # Ready means the listener's init is done: the fetch, its one retry, and the verdict.
     stack.wait_for("the plugin's load to fail",
                    lambda: "Plugin split-token failed to load" in gw.envoy.log(), timeout=30)
     log = gw.envoy.log()
     assert "data is invalid" in log and "Retry limit exceeded" in log, log[-3000:]
-    stats = gw.stats()
-    got = {k: stats.get(k, 0) for k in ("wasm.remote_load_fetch_successes",
-                                        "wasm.remote_load_fetch_failures",
-                                        "cluster.oci-registry.upstream_rq_200")}
     # The registry served the module (both tries answered 200); Envoy refused its hash.
-    assert got == {"wasm.remote_load_fetch_successes": 0, "wasm.remote_load_fetch_failures": 1,
-                   "cluster.oci-registry.upstream_rq_200": 2}, got
+    assert fetch_stats(gw) == {"successes": 0, "failures": 1, "registry 200s": 2}
     # Fail closed: with no module nothing passes the filter; nothing reaches the IdP or httpbin.
     token = gw.token_response()
     public = gw.call(path="/public/x")

@@ -485,6 +485,17 @@ def default_wasm() -> Path:
     return target.resolve() / "dist" / "split_token_filter.wasm"
 
 
+def report(what: str, label: str, errors: list[str], ok_text: str | None = None) -> bool:
+    """Prints one checked item's line (and its errors); True when it passed."""
+    if errors:
+        print(f"FAIL   {what} {label}")
+        for e in errors:
+            print(f"         {e}")
+        return False
+    print(f"ok     {what} {ok_text or label}")
+    return True
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=DEFAULT_PATHS,
@@ -535,14 +546,10 @@ def main() -> int:
                 no_schema.append(d)
                 print(f"NO SCHEMA !!! {d.label} {d.title}: NOT CHECKED: {d.reason}")
                 continue
-            if d.errors:
-                failed += 1
-                print(f"FAIL   manifest {d.label} {d.title}")
-                for e in d.errors:
-                    print(f"         {e}")
-            else:
+            if report("manifest", f"{d.label} {d.title}", d.errors):
                 passed += 1
-                print(f"ok     manifest {d.label} {d.title}")
+            else:
+                failed += 1
 
         if not args.schemas_only:
             configs, skipped = filter_configs(docs)
@@ -553,14 +560,11 @@ def main() -> int:
                 check_config(fc, wasm, args.envoy, added, work, n)
                 label = f"{fc.doc.label} {fc.doc.data.get('kind')} {fc.what}"
                 notes = "; ".join([fc.built_as, *fc.notes])
-                if fc.errors:
-                    failed += 1
-                    print(f"FAIL   config   {label} ({notes})")
-                    for e in fc.errors:
-                        print(f"         {e}")
-                else:
+                ok_text = f"{label}: on_configure accepted it ({notes})"
+                if report("config  ", f"{label} ({notes})", fc.errors, ok_text):
                     passed += 1
-                    print(f"ok     config   {label}: on_configure accepted it ({notes})")
+                else:
+                    failed += 1
 
     if no_schema:
         print(f"NO SCHEMA !!! {len(no_schema)} document(s) NOT CHECKED against any schema: "

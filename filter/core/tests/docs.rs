@@ -121,6 +121,18 @@ fn counter_names() -> BTreeSet<String> {
         .collect()
 }
 
+/// The text of the `## heading` section, up to the next `## `.
+fn section<'a>(text: &'a str, heading: &str) -> &'a str {
+    let (_, rest) = text
+        .split_once(&format!("\n## {heading}\n"))
+        .unwrap_or_default();
+    rest.split("\n## ").next().unwrap_or_default()
+}
+
+fn assert_counters_documented(documented: &BTreeSet<String>, doc_name: &str) {
+    assert_same("counters", &counter_names(), documented, doc_name);
+}
+
 /// Fails with the names each side has that the other lacks.
 fn assert_same(what: &str, code: &BTreeSet<String>, docs: &BTreeSet<String>, doc_name: &str) {
     let undocumented: Vec<_> = code.difference(docs).collect();
@@ -161,11 +173,7 @@ fn the_readme_summary_names_every_top_level_field() {
     let readme =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"))
             .unwrap_or_default();
-    let (_, section) = readme
-        .split_once("\n## Configuration\n")
-        .unwrap_or_default();
-    let section = section.split("\n## ").next().unwrap_or_default();
-    let documented = documented_fields(section);
+    let documented = documented_fields(section(&readme, "Configuration"));
     let code: BTreeSet<String> = accepted_fields(&[])
         .unwrap_or_default()
         .into_iter()
@@ -182,20 +190,13 @@ fn the_readme_summary_names_every_top_level_field() {
 #[test]
 fn every_counter_is_in_the_stats_table_of_the_config_reference() {
     let text = doc("config.md");
-    let (_, stats) = text.split_once("\n## Stats\n").unwrap_or_default();
-    let stats = stats.split("\n## ").next().unwrap_or_default();
-    let documented: BTreeSet<String> = stats
+    let documented: BTreeSet<String> = section(&text, "Stats")
         .lines()
         .filter(|l| l.starts_with("| `"))
         .flat_map(|l| backticked(l.split('|').nth(1).unwrap_or_default()))
         .map(str::to_owned)
         .collect();
-    assert_same(
-        "counters",
-        &counter_names(),
-        &documented,
-        "docs/config.md#stats",
-    );
+    assert_counters_documented(&documented, "docs/config.md#stats");
 }
 
 #[test]
@@ -207,12 +208,7 @@ fn every_counter_is_in_the_operations_guide_with_its_prometheus_name() {
         .filter_map(|n| n.strip_prefix("split_token."))
         .map(str::to_owned)
         .collect();
-    assert_same(
-        "counters",
-        &counter_names(),
-        &documented,
-        "docs/operations.md",
-    );
+    assert_counters_documented(&documented, "docs/operations.md");
     for counter in Counter::ALL {
         // Envoy's /stats/prometheus drops the `wasmcustom.` namespace and turns dots into `_`.
         let prometheus = counter.name().replace('.', "_");
