@@ -17,7 +17,7 @@ use split_token_core::etcd::{
 };
 use split_token_core::request::{Rejection, Verdict};
 use split_token_core::revoke::{could_be_signature, parse_form, remote_candidate};
-use split_token_core::store::{find, Entry, Lookup, Store};
+use split_token_core::store::{find, Entry, Lookup, SharedData, Store};
 use split_token_core::token::{Signature, StoreKey};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -497,7 +497,7 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
     let built = calls(&prefix, key, &entry, lease, now_ms, ttl);
     let [put, get, txn, polled, granted] = &built;
     let expected = [
-        ("put", "/v3/kv/put"),
+        ("put", "/v3/kv/txn"),
         ("range", "/v3/kv/range"),
         ("txn", "/v3/kv/txn"),
         ("poll", "/v3/kv/range"),
@@ -513,6 +513,13 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
     }
 
     let b = body(put);
+    assert_eq!(
+        unb64(&b["compare"][0]["key"]),
+        format!("{prefix}x/{hex}"),
+        "a token write checks it was not revoked"
+    );
+    assert_eq!(b["compare"][0]["version"], "0");
+    let b = &b["success"][0]["request_put"];
     assert_eq!(unb64(&b["key"]), format!("{prefix}t/{hex}"));
     assert_eq!(unb64(&b["value"]), format!("{expires_at}:{hp}"));
     assert_eq!(b["lease"], lease.to_string());
@@ -521,11 +528,16 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
     let ops = t["success"]
         .as_array()
         .expect("a transaction without success");
-    assert_eq!(ops.len(), 2);
+    assert_eq!(ops.len(), 3);
     assert_eq!(
         unb64(&ops[0]["request_delete_range"]["key"]),
         format!("{prefix}t/{hex}")
     );
+    assert_eq!(
+        unb64(&ops[2]["request_put"]["key"]),
+        format!("{prefix}x/{hex}")
+    );
+    assert_eq!(ops[2]["request_put"]["lease"], lease.to_string());
     assert_eq!(unb64(&ops[1]["request_put"]["key"]), marker);
     assert_eq!(
         unb64(&ops[1]["request_put"]["value"]),
@@ -607,7 +619,8 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
         1 => expires_at.saturating_sub(1),
         _ => NOW,
     };
-    let mut recent = RecentRevocations::default();
+    let recent = RecentRevocations::new(&host, "et/etcd-recent/");
+    recent.initialize().expect("the in-memory store failed");
     let adopted = adopt(&store, key, &want, &recent, now)
         .expect("the in-memory store failed")
         .is_some();
@@ -628,20 +641,20 @@ fn structured_calls(u: &mut Unstructured<'_>) -> Result<()> {
     };
     assert_eq!(stored(now), adopted);
     let epoch = store.epoch().expect("the in-memory store failed");
-    let removed = apply_markers(&store, &[key], &mut recent, now).expect("the store failed");
+    let removed = apply_markers(&store, &[key], &recent, now).expect("the store failed");
     assert_eq!(removed, u32::from(adopted));
     let moved = if adopted { 1 } else { 0 };
     assert_eq!(
         store.epoch().expect("the in-memory store failed"),
         epoch.wrapping_add(moved)
     );
-    assert!(recent.contains(&key));
+    assert_eq!(recent.contains(&key, now), Ok(true));
     assert!(!stored(now), "a revoked token is still stored");
     assert_eq!(adopt(&store, key, &want, &recent, now), Ok(None));
     assert!(!stored(now), "a read that raced its revocation was stored");
     // Sweeps overlap: the marker read again changes nothing.
     let epoch = store.epoch().expect("the in-memory store failed");
-    assert_eq!(apply_markers(&store, &[key], &mut recent, now), Ok(0));
+    assert_eq!(apply_markers(&store, &[key], &recent, now), Ok(0));
     assert_eq!(store.epoch(), Ok(epoch));
     Ok(())
 }
@@ -845,97 +858,35 @@ fn structured_sweeps(u: &mut Unstructured<'_>) -> Result<()> {
     Ok(())
 }
 
-/// Insertions into the model of `RecentRevocations`: a key is remembered from the insert that
-/// found it forgotten, until an insert `RECENT_SECONDS` later or more (time is judged at
-/// inserts only, before they add their key), and until `RECENT_CAPACITY` newer keys pushed it
-/// out.
-#[derive(Default)]
-struct RecentModel {
-    /// `(time, first sequence number, count)` of insertions of keys not remembered then.
-    groups: Vec<(u64, u64, u64)>,
-    /// The pool keys' latest such insertion: `(time, sequence number)`.
-    pool: HashMap<u8, (u64, u64)>,
-    /// Insertions of keys not remembered so far.
-    sequence: u64,
-    /// The time of the last insert.
-    pruned_at: u64,
-    /// The sequence number of the key the last insert added, not judged by its own insert
-    /// (which matters only when time stands at `u64::MAX`).
-    latest: Option<u64>,
-}
-
-impl RecentModel {
-    fn alive(&self, time: u64, sequence: u64) -> bool {
-        (time.saturating_add(RECENT_SECONDS) > self.pruned_at || self.latest == Some(sequence))
-            && self.sequence - sequence <= RECENT_CAPACITY as u64
-    }
-
-    fn contains(&self, pool: u8) -> bool {
-        self.pool.get(&pool).is_some_and(|&(t, s)| self.alive(t, s))
-    }
-
-    fn insert_pool(&mut self, pool: u8, now: u64) {
-        self.pruned_at = now;
-        self.latest = None;
-        if !self.contains(pool) {
-            self.pool.insert(pool, (now, self.sequence));
-            self.groups.push((now, self.sequence, 1));
-            self.latest = Some(self.sequence);
-            self.sequence += 1;
-        }
-    }
-
-    fn insert_fresh(&mut self, count: u64, now: u64) {
-        if count > 0 {
-            self.pruned_at = now;
-            self.groups.push((now, self.sequence, count));
-            self.sequence += count;
-            self.latest = Some(self.sequence - 1);
-        }
-    }
-
-    fn len(&self) -> u64 {
-        let oldest_alive = self.sequence.saturating_sub(RECENT_CAPACITY as u64);
-        self.groups
-            .iter()
-            .map(|&(t, s, n)| {
-                if t.saturating_add(RECENT_SECONDS) > self.pruned_at {
-                    (s + n).saturating_sub(s.max(oldest_alive))
-                } else {
-                    u64::from(self.latest.is_some_and(|l| (s..s + n).contains(&l)))
-                }
-            })
-            .sum()
-    }
-}
-
 fn pool_key(i: u8) -> StoreKey {
     StoreKey([i; 32])
 }
 
-/// Never a pool key: its last byte is 0xEE.
+/// Never a pool key (its last byte is 0xEE), and every one in the first slot of
+/// `RecentRevocations`, so a few dozen fill it.
 fn fresh_key(n: u64) -> StoreKey {
     let mut k = [0xEE; 32];
-    k[..8].copy_from_slice(&n.to_be_bytes());
+    k[..8].copy_from_slice(&n.wrapping_mul(u64::from(SLOTS)).to_be_bytes());
     StoreKey(k)
 }
 
-/// `RecentRevocations` against its model: never more than `RECENT_CAPACITY`; a key inserted
-/// less than `RECENT_SECONDS` ago and not pushed out by capacity is remembered; nothing else.
+const SLOTS: u32 = RecentRevocations::<MemoryData>::SLOTS;
+
+/// `RecentRevocations` (a small store in shared data) against what it must remember: never a
+/// key that was not inserted, nor one whose last insert is `RECENT_SECONDS` old or more; always
+/// the key inserted last; never more than its share of `RECENT_CAPACITY` in a slot.
 fn structured_recent(u: &mut Unstructured<'_>) -> Result<()> {
-    let mut recent = RecentRevocations::default();
-    let mut model = RecentModel::default();
-    let mut now: u64 = if u.ratio(7, 8)? { NOW } else { u.arbitrary()? };
-    let mut fresh = 0u64;
-    // Enough new keys to reach the capacity, at one step of few inputs: it takes milliseconds.
-    let flood_at: Option<u8> = if u.ratio(1, 64)? {
-        Some(u.arbitrary()?)
+    let host = MemoryData::default();
+    let recent = RecentRevocations::new(&host, "rr/");
+    assert_eq!(recent.initialize(), Ok(SLOTS));
+    let mut inserted: HashMap<StoreKey, u64> = HashMap::new();
+    let mut now: u64 = if u.ratio(7, 8)? {
+        NOW
     } else {
-        None
+        u.int_in_range(0..=u64::MAX / 2)?
     };
-    // The newest fresh key's insertion: `(time, sequence number)`.
-    let mut newest = None;
-    for step in 0..=u8::MAX {
+    let mut fresh = 0u64;
+    for _ in 0..=u8::MAX {
         if u.is_empty() {
             break;
         }
@@ -944,56 +895,54 @@ fn structured_recent(u: &mut Unstructured<'_>) -> Result<()> {
             2 => RECENT_SECONDS - 1,
             3 => RECENT_SECONDS,
             4 => RECENT_SECONDS + 1,
-            5 => u.arbitrary()?,
             _ => u.int_in_range(0..=RECENT_SECONDS)?,
         });
-        match u.int_in_range(0..=31)? {
-            _ if flood_at == Some(step) => {
-                let count = RECENT_CAPACITY as u64 - 8 + u.int_in_range(0..=16)?;
-                for n in fresh..fresh + count {
-                    recent.insert(fresh_key(n), now);
-                }
-                model.insert_fresh(count, now);
-                fresh += count;
-                newest = Some((now, model.sequence - 1));
+        let mut last = None;
+        if u.ratio(1, 3)? {
+            for _ in 0..u.int_in_range(1..=80)? {
+                let key = fresh_key(fresh);
+                fresh += 1;
+                recent.insert(key, now).expect("the in-memory store failed");
+                inserted.insert(key, now);
+                last = Some(key);
             }
-            0..=2 => {
-                let count = u.int_in_range(0..=32)?;
-                for n in fresh..fresh + count {
-                    recent.insert(fresh_key(n), now);
-                }
-                model.insert_fresh(count, now);
-                fresh += count;
-                if count > 0 {
-                    newest = Some((now, model.sequence - 1));
-                }
-            }
-            _ => {
-                let i = u.int_in_range(0..=7)?;
-                recent.insert(pool_key(i), now);
-                model.insert_pool(i, now);
-            }
+        } else {
+            let key = pool_key(u.int_in_range(0..=7)?);
+            recent.insert(key, now).expect("the in-memory store failed");
+            inserted.insert(key, now);
+            last = Some(key);
         }
-        let len = recent.len();
-        assert!(len <= RECENT_CAPACITY, "{len} revocations remembered");
-        assert_eq!(len as u64, model.len(), "remembered count");
-        assert_eq!(recent.is_empty(), len == 0);
-        for i in 0..8 {
+        if let Some(key) = last {
             assert_eq!(
-                recent.contains(&pool_key(i)),
-                model.contains(i),
-                "pool key {i} at {now}"
+                recent.contains(&key, now),
+                Ok(true),
+                "the key inserted last"
             );
+            let (slot, _) = host
+                .get(&format!("rr/{:x}", key.slot(SLOTS)))
+                .expect("the in-memory store failed");
+            let held = find_all(&slot);
+            assert!(held <= RECENT_CAPACITY / SLOTS as usize, "{held} in a slot");
         }
-        if let Some((time, sequence)) = newest {
-            assert_eq!(
-                recent.contains(&fresh_key(fresh - 1)),
-                model.alive(time, sequence),
-                "the newest key"
-            );
+        for (key, at) in &inserted {
+            if recent
+                .contains(key, now)
+                .expect("the in-memory store failed")
+            {
+                assert!(
+                    at.saturating_add(RECENT_SECONDS) > now,
+                    "remembered past RECENT_SECONDS"
+                );
+            }
         }
+        let never = StoreKey([0xAB; 32]);
+        assert_eq!(recent.contains(&never, now), Ok(false));
     }
     Ok(())
+}
+
+fn find_all(slot: &[u8]) -> usize {
+    split_token_core::store::entries(slot).count()
 }
 
 /// A token's bucket ends at or after it, within one width; a lease outlives its bucket; the

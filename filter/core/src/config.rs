@@ -85,6 +85,10 @@ struct RawEtcd {
     key_prefix: String,
     #[serde(default = "defaults::etcd_timeout_ms")]
     timeout_ms: u64,
+    #[serde(default)]
+    per_try_timeout_ms: Option<u64>,
+    #[serde(default = "defaults::etcd_retries")]
+    retries: u32,
     #[serde(default = "defaults::etcd_poll_ms")]
     poll_ms: u64,
     #[serde(default = "defaults::etcd_lease_bucket_seconds")]
@@ -193,7 +197,13 @@ mod defaults {
         "split-token/".to_owned()
     }
     pub fn etcd_timeout_ms() -> u64 {
-        1_000
+        3_000
+    }
+    pub fn etcd_per_try_timeout_ms() -> u64 {
+        500
+    }
+    pub fn etcd_retries() -> u32 {
+        10
     }
     pub fn etcd_poll_ms() -> u64 {
         500
@@ -248,8 +258,21 @@ pub struct EtcdConfig {
     pub authority: String,
     /// Prefix of every etcd key the filter writes.
     pub key_prefix: String,
-    /// Timeout of each call.
+    /// Deadline of each etcd operation, its retries included.
     pub timeout_ms: u64,
+    /// Timeout of one attempt; a timed-out attempt is retried like a 5xx.
+    pub per_try_timeout_ms: u64,
+    /// How many times Envoy retries an attempt that failed (5xx, reset, connect failure, per-try
+    /// timeout), on another member when the cluster has one. Every call is idempotent.
+    pub retries: u32,
+    /// The retry policy of every call, as Envoy request headers (`x-envoy-retry-on`...),
+    /// formatted once.
+    pub retry_headers: Vec<(&'static str, String)>,
+    /// Shared-data prefix of the revocations applied lately in this process
+    /// ([`crate::etcd::RecentRevocations`]).
+    pub recent_prefix: String,
+    /// Shared-data key of the revocation poller's lease ([`crate::etcd::PollerLease`]).
+    pub poller_key: String,
     /// How often each worker asks for new revocations.
     pub poll_ms: u64,
     /// Width of the expiry buckets that share one lease.
@@ -578,7 +601,10 @@ impl TryFrom<RawConfig> for Config {
             ));
         }
         let introspection = raw.introspection.map(introspection_config).transpose()?;
-        let etcd = raw.etcd.map(etcd_config).transpose()?;
+        let etcd = raw
+            .etcd
+            .map(|e| etcd_config(e, &raw.store_prefix))
+            .transpose()?;
         let verify = raw.verify.map(verify_config).transpose()?;
         let claims_to_headers = claim_headers(raw.claims_to_headers)?;
         let challenge = format!("Bearer realm=\"{}\"", raw.realm);
@@ -650,7 +676,7 @@ fn claim_headers(raw: Vec<RawClaimHeader>) -> Result<Vec<ClaimHeader>, ConfigErr
     Ok(out)
 }
 
-fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
+fn etcd_config(raw: RawEtcd, store_prefix: &str) -> Result<EtcdConfig, ConfigError> {
     if raw.cluster.is_empty() {
         return Err(invalid("etcd.cluster", "must not be empty"));
     }
@@ -668,6 +694,24 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         return Err(invalid(
             "etcd.timeout_ms",
             format!("must be between 50 and 60000, got {}", raw.timeout_ms),
+        ));
+    }
+    let per_try_timeout_ms = raw
+        .per_try_timeout_ms
+        .unwrap_or_else(|| defaults::etcd_per_try_timeout_ms().min(raw.timeout_ms));
+    if !(10..=raw.timeout_ms).contains(&per_try_timeout_ms) {
+        return Err(invalid(
+            "etcd.per_try_timeout_ms",
+            format!(
+                "must be between 10 and timeout_ms ({}), got {per_try_timeout_ms}",
+                raw.timeout_ms
+            ),
+        ));
+    }
+    if raw.retries > 20 {
+        return Err(invalid(
+            "etcd.retries",
+            format!("must be between 0 and 20, got {}", raw.retries),
         ));
     }
     if !(100..=60_000).contains(&raw.poll_ms) {
@@ -698,11 +742,38 @@ fn etcd_config(raw: RawEtcd) -> Result<EtcdConfig, ConfigError> {
         max_pending_lookups: raw.max_pending_lookups,
         cluster: raw.cluster,
         authority,
-        key_prefix: raw.key_prefix,
+        key_prefix: raw.key_prefix.clone(),
         timeout_ms: raw.timeout_ms,
+        per_try_timeout_ms,
+        retries: raw.retries,
+        retry_headers: retry_headers(raw.retries, per_try_timeout_ms),
+        recent_prefix: format!("{store_prefix}etcd-recent/"),
+        poller_key: format!("{store_prefix}etcd-poller/{}", raw.key_prefix),
         poll_ms: raw.poll_ms,
         lease_bucket_seconds: raw.lease_bucket_seconds,
     })
+}
+
+/// Envoy's retry policy for etcd calls, set per request: callouts from a filter have no route,
+/// so no route retry policy, but Envoy's router honours these headers on them. 5xx covers etcd's
+/// 503s during a leader election ("leader changed", "request timed out") and per-try timeouts;
+/// connect failures and resets cover a member that died. Back-off is Envoy's (jittered, 25 ms
+/// doubling to 250 ms).
+fn retry_headers(retries: u32, per_try_timeout_ms: u64) -> Vec<(&'static str, String)> {
+    if retries == 0 {
+        return Vec::new();
+    }
+    vec![
+        (
+            "x-envoy-retry-on",
+            "5xx,reset,connect-failure,refused-stream".to_owned(),
+        ),
+        ("x-envoy-max-retries", retries.to_string()),
+        (
+            "x-envoy-upstream-rq-per-try-timeout-ms",
+            per_try_timeout_ms.to_string(),
+        ),
+    ]
 }
 
 fn verify_config(raw: RawVerify) -> Result<VerifyConfig, ConfigError> {
@@ -1019,7 +1090,35 @@ mod tests {
                 etcd.poll_ms,
                 etcd.lease_bucket_seconds
             ),
-            ("etcd", "split-token/", 1_000, 500, 60)
+            ("etcd", "split-token/", 3_000, 500, 60)
+        );
+        // Envoy retries a failed attempt on another member; the headers are made once.
+        assert_eq!(
+            etcd.retry_headers,
+            [
+                (
+                    "x-envoy-retry-on",
+                    "5xx,reset,connect-failure,refused-stream".to_owned()
+                ),
+                ("x-envoy-max-retries", "10".to_owned()),
+                ("x-envoy-upstream-rq-per-try-timeout-ms", "500".to_owned()),
+            ]
+        );
+        let once =
+            parse(r#"{"token_paths": ["/a"], "etcd": {"cluster": "e", "retries": 0}}"#).unwrap();
+        assert_eq!(once.etcd.map(|e| e.retry_headers), Some(vec![]));
+        // Without its own, an attempt may take the whole of a short timeout.
+        let short =
+            parse(r#"{"token_paths": ["/a"], "etcd": {"cluster": "e", "timeout_ms": 300}}"#)
+                .unwrap();
+        assert_eq!(short.etcd.map(|e| e.per_try_timeout_ms), Some(300));
+        // Shared data of the etcd tier sits under the store's prefix.
+        assert_eq!(
+            (etcd.recent_prefix.as_str(), etcd.poller_key.as_str()),
+            (
+                "split-token/etcd-recent/",
+                "split-token/etcd-poller/split-token/"
+            )
         );
         // Another replica may revoke any token, so caches must watch the epoch.
         assert!(c.revocation_enabled());
@@ -1031,6 +1130,15 @@ mod tests {
             (r#"{"cluster": "e", "authority": "a b"}"#, "etcd.authority"),
             (r#"{"cluster": "e", "key_prefix": ""}"#, "etcd.key_prefix"),
             (r#"{"cluster": "e", "timeout_ms": 10}"#, "etcd.timeout_ms"),
+            (
+                r#"{"cluster": "e", "timeout_ms": 400, "per_try_timeout_ms": 401}"#,
+                "etcd.per_try_timeout_ms",
+            ),
+            (
+                r#"{"cluster": "e", "per_try_timeout_ms": 5}"#,
+                "etcd.per_try_timeout_ms",
+            ),
+            (r#"{"cluster": "e", "retries": 21}"#, "etcd.retries"),
             (r#"{"cluster": "e", "poll_ms": 60001}"#, "etcd.poll_ms"),
             (
                 r#"{"cluster": "e", "lease_bucket_seconds": 0}"#,

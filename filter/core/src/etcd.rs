@@ -27,13 +27,16 @@
 use crate::config::Config;
 use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
 use crate::revoke::could_be_signature;
-use crate::store::{Entry, PutReport, SharedData, Store, StoreError};
+use crate::store::{
+    find, Entry, HostStatus, Lookup, PutReport, SetError, SharedData, Store, StoreError,
+    MAX_WRITE_ATTEMPTS,
+};
 use crate::token::StoreKey;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use serde::Deserialize;
 use serde_json::json;
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Markers asked for per poll; more come with the next call at once.
@@ -76,6 +79,13 @@ pub fn token_key(prefix: &str, key: &StoreKey) -> String {
     format!("{prefix}t/{}", key.to_hex())
 }
 
+/// The etcd key that says a token was revoked, for as long as it would have lived: a token write
+/// checks it is absent, so a write that commits late (Envoy retried it, and the first attempt
+/// still went through after the revocation) cannot bring the token back.
+pub fn revoked_key(prefix: &str, key: &StoreKey) -> String {
+    format!("{prefix}x/{}", key.to_hex())
+}
+
 /// The etcd key of a token's revocation marker written at `written_ms` (Unix milliseconds).
 pub fn marker_key(prefix: &str, key: &StoreKey, written_ms: u64) -> String {
     format!("{prefix}r/{written_ms:013}/{}", key.to_hex())
@@ -102,17 +112,26 @@ pub fn grant(ttl_seconds: u64) -> Call {
     )
 }
 
-/// Writes a token under `lease`.
+/// Writes a token under `lease`, unless it was revoked: a transaction that puts the token only
+/// while its [`revoked_key`] is absent (version 0).
 pub fn put_token(prefix: &str, entry: &Entry<'_>, lease: i64) -> Call {
     let mut value = format!("{}:", entry.expires_at).into_bytes();
     value.extend_from_slice(entry.header_payload);
     call(
         "put",
-        "/v3/kv/put",
+        "/v3/kv/txn",
         &json!({
-            "key": b64(token_key(prefix, &entry.key).as_bytes()),
-            "value": b64(&value),
-            "lease": lease.to_string(),
+            "compare": [{
+                "key": b64(revoked_key(prefix, &entry.key).as_bytes()),
+                "target": "VERSION",
+                "result": "EQUAL",
+                "version": "0",
+            }],
+            "success": [{ "request_put": {
+                "key": b64(token_key(prefix, &entry.key).as_bytes()),
+                "value": b64(&value),
+                "lease": lease.to_string(),
+            } }],
         }),
     )
 }
@@ -126,8 +145,11 @@ pub fn get_token(prefix: &str, key: &StoreKey) -> Call {
     )
 }
 
-/// Deletes a token and writes its revocation marker, in one transaction.
+/// Deletes a token and writes its revocation marker and its [`revoked_key`], in one
+/// transaction, under the lease of the token's expiry. Applied twice (a retry), it leaves etcd
+/// as once.
 pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64, now_ms: u64) -> Call {
+    let expires = b64(expires_at.to_string().as_bytes());
     call(
         "txn",
         "/v3/kv/txn",
@@ -135,7 +157,12 @@ pub fn revoke(prefix: &str, key: &StoreKey, expires_at: u64, lease: i64, now_ms:
             { "request_delete_range": { "key": b64(token_key(prefix, key).as_bytes()) } },
             { "request_put": {
                 "key": b64(marker_key(prefix, key, now_ms).as_bytes()),
-                "value": b64(expires_at.to_string().as_bytes()),
+                "value": expires,
+                "lease": lease.to_string(),
+            } },
+            { "request_put": {
+                "key": b64(revoked_key(prefix, key).as_bytes()),
+                "value": expires,
                 "lease": lease.to_string(),
             } },
         ] }),
@@ -334,7 +361,7 @@ pub fn parse_write(
     if write.succeeded == Some(false) {
         return Err(EtcdError::BadAnswer {
             call,
-            reason: "the transaction did not succeed",
+            reason: "the transaction did not succeed (a token write finds the token revoked)",
         });
     }
     Ok(())
@@ -562,73 +589,168 @@ pub fn miss_key(
     }
 }
 
-/// Revocations a worker polled recently.
-#[derive(Debug, Default)]
-pub struct RecentRevocations {
-    keys: HashSet<StoreKey>,
-    order: VecDeque<(u64, StoreKey)>,
+/// Revocations applied lately in this Envoy process, for all of its workers: a store of their
+/// own in shared data (under `recent_prefix`, entries without a header.payload), so a fixed key
+/// space and bounded in size. One worker applies the markers it polled; every worker refuses to
+/// keep a token read from etcd that was revoked meanwhile.
+pub struct RecentRevocations<'a, H: SharedData> {
+    store: Store<'a, H>,
 }
 
-impl RecentRevocations {
-    pub fn insert(&mut self, key: StoreKey, now: u64) {
-        self.prune(now);
-        if self.keys.insert(key) {
-            self.order.push_back((now, key));
+impl<'a, H: SharedData> RecentRevocations<'a, H> {
+    /// Slots of the store; [`RECENT_CAPACITY`] entries in all.
+    pub const SLOTS: u32 = 1024;
+    const SLOT_CAPACITY: u16 = (RECENT_CAPACITY / Self::SLOTS as usize) as u16;
+
+    pub fn new(host: &'a H, recent_prefix: &'a str) -> Self {
+        Self {
+            store: Store::new(host, recent_prefix, Self::SLOTS, Self::SLOT_CAPACITY),
         }
-        while self.order.len() > RECENT_CAPACITY {
-            if let Some((_, old)) = self.order.pop_front() {
-                self.keys.remove(&old);
+    }
+
+    /// Creates the store's slots (see [`Store::initialize`]); returns how many it created.
+    pub fn initialize(&self) -> Result<u32, StoreError> {
+        self.store.initialize()
+    }
+
+    /// Remembers the revocation of `key` for [`RECENT_SECONDS`] from `now`. A full slot forgets
+    /// its oldest first.
+    pub fn insert(&self, key: StoreKey, now: u64) -> Result<(), StoreError> {
+        let entry = Entry {
+            key,
+            expires_at: now.saturating_add(RECENT_SECONDS),
+            header_payload: &[],
+        };
+        self.store.put(&entry, now).map(|_| ())
+    }
+
+    /// [`RecentRevocations::insert`], unless `key` is remembered already (one read, no write).
+    pub fn remember(&self, key: StoreKey, now: u64) -> Result<(), StoreError> {
+        let slot = self.store.fetch_slot(&key)?;
+        match find(&slot, &key, now) {
+            Ok(Lookup::Hit { .. }) => Ok(()),
+            // A corrupt slot is rewritten by the insert.
+            _ => self.insert(key, now),
+        }
+    }
+
+    /// Whether `key` was revoked here lately. A corrupt slot counts as remembering it: a token
+    /// is not kept rather than kept after its revocation.
+    pub fn contains(&self, key: &StoreKey, now: u64) -> Result<bool, StoreError> {
+        let slot = self.store.fetch_slot(key)?;
+        Ok(!matches!(
+            find(&slot, key, now),
+            Ok(Lookup::Miss | Lookup::Expired)
+        ))
+    }
+}
+
+/// Which worker of an Envoy process polls etcd for revocations: the one holding this lease in
+/// shared data. Markers act on the process's shared store, so one poller serves every worker,
+/// and the requests etcd sees do not grow with the worker count. The holder renews its lease on
+/// every tick; when it stops (its VM went away with a configuration update), another worker
+/// takes over once the lease lapses, from the [`Watermark`].
+pub struct PollerLease<'a> {
+    key: &'a str,
+}
+
+impl<'a> PollerLease<'a> {
+    pub fn new(poller_key: &'a str) -> Self {
+        Self { key: poller_key }
+    }
+
+    /// Takes or renews the lease for worker `me` until `until_ms`, unless another worker holds
+    /// it past `now_ms`. Returns whether `me` polls. One compare-and-swap: losing it means
+    /// another worker took the lease just now. When shared data fails, every worker polls:
+    /// more requests to etcd, but no revocation left unswept.
+    pub fn acquire<H: SharedData>(&self, host: &H, me: u64, now_ms: u64, until_ms: u64) -> bool {
+        let Ok((value, cas)) = host.get(self.key) else {
+            return true;
+        };
+        if let Some((holder, held_until)) = decode_pair(&value) {
+            if holder != me && held_until > now_ms {
+                return false;
+            }
+        }
+        let mut next = [0u8; 16];
+        next[..8].copy_from_slice(&me.to_be_bytes());
+        next[8..].copy_from_slice(&until_ms.to_be_bytes());
+        !matches!(host.set(self.key, &next, cas), Err(SetError::CasMismatch))
+    }
+}
+
+fn decode_pair(value: &[u8]) -> Option<(u64, u64)> {
+    let first = <[u8; 8]>::try_from(value.get(..8)?).ok()?;
+    let second = <[u8; 8]>::try_from(value.get(8..16)?).ok()?;
+    Some((u64::from_be_bytes(first), u64::from_be_bytes(second)))
+}
+
+/// A number no other worker (VM) of this Envoy process got from this function: a counter in
+/// shared data under `key`, moved on with compare-and-swap, and created at `seed` (the clock in
+/// nanoseconds: CAS cannot guard a creation, and two workers creating it at once get different
+/// numbers that way). Names a poller.
+pub fn worker_number<H: SharedData>(host: &H, key: &str, seed: u64) -> Result<u64, StoreError> {
+    for _ in 0..MAX_WRITE_ATTEMPTS {
+        let (value, cas) = host
+            .get(key)
+            .map_err(|HostStatus(status)| StoreError::Host {
+                operation: "get",
+                status,
+            })?;
+        let next = <[u8; 8]>::try_from(value.as_slice())
+            .map_or(seed, |current| u64::from_be_bytes(current).wrapping_add(1));
+        match host.set(key, &next.to_be_bytes(), cas) {
+            Ok(()) => return Ok(next),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Host(HostStatus(status))) => {
+                return Err(StoreError::Host {
+                    operation: "set",
+                    status,
+                })
             }
         }
     }
-
-    pub fn contains(&self, key: &StoreKey) -> bool {
-        self.keys.contains(key)
-    }
-
-    fn prune(&mut self, now: u64) {
-        while let Some(&(seen, key)) = self.order.front() {
-            if seen.saturating_add(RECENT_SECONDS) > now {
-                break;
-            }
-            self.order.pop_front();
-            self.keys.remove(&key);
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.order.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.order.is_empty()
-    }
+    Err(StoreError::Contention {
+        attempts: MAX_WRITE_ATTEMPTS,
+    })
 }
 
 /// Stores a token read from etcd in this replica's store, with the write's report (evictions
-/// are counted as at issuance). Not when it has expired, nor when this worker polled its
-/// revocation (`None`): the read may have raced the revocation, and storing it after its marker
-/// was applied would bring it back here until it expires.
+/// are counted as at issuance). Not when it has expired, nor when this process applied its
+/// revocation lately (`None`): the read may have raced the revocation, and storing it after its
+/// marker was applied would bring it back here until it expires.
 pub fn adopt<H: SharedData>(
     store: &Store<'_, H>,
     key: StoreKey,
     fetched: &Fetched,
-    recent: &RecentRevocations,
+    recent: &RecentRevocations<'_, H>,
     now: u64,
 ) -> Result<Option<PutReport>, StoreError> {
-    if fetched.expires_at <= now || recent.contains(&key) {
+    if fetched.expires_at <= now {
         return Ok(None);
     }
-    store
-        .put(
-            &Entry {
-                key,
-                expires_at: fetched.expires_at,
-                header_payload: fetched.header_payload.as_bytes(),
-            },
-            now,
-        )
-        .map(Some)
+    let report = store.put(
+        &Entry {
+            key,
+            expires_at: fetched.expires_at,
+            header_payload: fetched.header_payload.as_bytes(),
+        },
+        now,
+    )?;
+    // Checked after the write: the poller remembers a revocation before it removes the token,
+    // so either this check sees it, or that removal comes after this write and takes it out.
+    match recent.contains(&key, now) {
+        Ok(false) => Ok(Some(report)),
+        Ok(true) => {
+            store.remove(&key)?;
+            store.bump_epoch()?;
+            Ok(None)
+        }
+        Err(e) => {
+            let _ = store.remove(&key);
+            Err(e)
+        }
+    }
 }
 
 /// Forgets the tokens of polled revocation markers here. Returns how many entries this removed;
@@ -636,17 +758,18 @@ pub fn adopt<H: SharedData>(
 pub fn apply_markers<H: SharedData>(
     store: &Store<'_, H>,
     markers: &[StoreKey],
-    recent: &mut RecentRevocations,
+    recent: &RecentRevocations<'_, H>,
     now: u64,
 ) -> Result<u32, StoreError> {
     let mut removed = 0;
     let mut failed = None;
     for key in markers {
-        // Sweeps overlap: a marker this worker applied lately is not applied again.
-        if recent.contains(key) {
-            continue;
-        }
-        match store.remove(key) {
+        // Remembered before the removal, so that a read of the token racing it is not kept.
+        // Sweeps overlap: a marker remembered lately is not remembered again, but its token is
+        // still removed (a read of its slot; a write only when the token is there), in case an
+        // earlier removal failed.
+        let applied = recent.remember(*key, now).and_then(|()| store.remove(key));
+        match applied {
             Ok(true) => removed += 1,
             Ok(false) => {}
             Err(e) => {
@@ -655,7 +778,6 @@ pub fn apply_markers<H: SharedData>(
                 break;
             }
         }
-        recent.insert(*key, now);
     }
     // Whatever was removed must leave every cache too, even when a later removal failed: the
     // next sweep skips the markers applied here.
@@ -756,9 +878,18 @@ mod tests {
             expires_at: 1_900_000_000,
             header_payload: HP.as_bytes(),
         };
+        assert_eq!(revoked_key("p/", &key()), format!("p/x/{hex}"));
         let put = put_token("p/", &entry, 42);
-        assert_eq!(put.path, "/v3/kv/put");
+        assert_eq!(put.path, "/v3/kv/txn");
         let b = body(&put);
+        // Only while the token was never revoked.
+        let compare = &b["compare"][0];
+        assert_eq!(unb64(&compare["key"]), format!("p/x/{hex}"));
+        assert_eq!(
+            (&compare["target"], &compare["result"], &compare["version"]),
+            (&json!("VERSION"), &json!("EQUAL"), &json!("0"))
+        );
+        let b = &b["success"][0]["request_put"];
         assert_eq!(unb64(&b["key"]), format!("p/t/{hex}"));
         assert_eq!(unb64(&b["value"]), format!("1900000000:{HP}"));
         assert_eq!(b["lease"], "42");
@@ -773,7 +904,7 @@ mod tests {
     fn revocation_deletes_the_token_and_writes_its_marker_in_one_transaction() {
         let b = body(&revoke("p/", &key(), 77, 5, 1_000));
         let ops = b["success"].as_array().unwrap();
-        assert_eq!(ops.len(), 2);
+        assert_eq!(ops.len(), 3);
         assert_eq!(
             unb64(&ops[0]["request_delete_range"]["key"]),
             token_key("p/", &key())
@@ -782,6 +913,12 @@ mod tests {
         assert_eq!(unb64(&put["key"]), marker_key("p/", &key(), 1_000));
         assert_eq!(unb64(&put["value"]), "77");
         assert_eq!(put["lease"], "5");
+        let put = &ops[2]["request_put"];
+        assert_eq!(unb64(&put["key"]), revoked_key("p/", &key()));
+        assert_eq!(
+            (unb64(&put["value"]), &put["lease"]),
+            ("77".to_owned(), &json!("5"))
+        );
         assert!(b.get("compare").is_none());
     }
 
@@ -1014,19 +1151,33 @@ mod tests {
             expires_at: 100,
             header_payload: HP.to_owned(),
         };
-        let mut recent = RecentRevocations::default();
+        let recent = RecentRevocations::new(&host, "st/etcd-recent/");
+        recent.initialize().unwrap();
         assert_eq!(
             adopt(&store, key(), &fetched, &recent, 100),
             Ok(None),
             "expired"
         );
-        assert_eq!(apply_markers(&store, &[key()], &mut recent, 10), Ok(0));
+        assert_eq!(apply_markers(&store, &[key()], &recent, 10), Ok(0));
+        // Another worker of the process reads the token from etcd: it sees the same record.
+        let other_worker = RecentRevocations::new(&host, "st/etcd-recent/");
         assert_eq!(
-            adopt(&store, key(), &fetched, &recent, 10),
+            adopt(&store, key(), &fetched, &other_worker, 10),
             Ok(None),
             "revoked"
         );
-        let fresh = RecentRevocations::default();
+        let slot = store.fetch_slot(&key()).unwrap();
+        assert!(
+            matches!(
+                crate::store::find(&slot, &key(), 10),
+                Ok(crate::store::Lookup::Miss)
+            ),
+            "written, then taken out again"
+        );
+        // Another process (its own shared data) keeps it.
+        let other_host = MemoryData::default();
+        let fresh = RecentRevocations::new(&other_host, "st/etcd-recent/");
+        fresh.initialize().unwrap();
         let report = adopt(&store, key(), &fetched, &fresh, 10).unwrap();
         assert_eq!(report.map(|r| r.evicted), Some(0));
         let slot = store.fetch_slot(&key()).unwrap();
@@ -1056,20 +1207,18 @@ mod tests {
         let store = Store::new(&host, &c.store_prefix, c.store_slots, c.slot_capacity);
         let (a, b) = two_tokens(&store);
         let absent = StoreKey([7; 32]);
-        let mut recent = RecentRevocations::default();
+        let recent = RecentRevocations::new(&host, "st/etcd-recent/");
+        recent.initialize().unwrap();
         let before = store.epoch().unwrap();
-        assert_eq!(
-            apply_markers(&store, &[a, absent, b], &mut recent, 10),
-            Ok(2)
-        );
+        assert_eq!(apply_markers(&store, &[a, absent, b], &recent, 10), Ok(2));
         assert_eq!(store.epoch().unwrap(), before + 1);
-        assert_eq!(apply_markers(&store, &[a], &mut recent, 10), Ok(0));
+        assert_eq!(apply_markers(&store, &[a], &recent, 10), Ok(0));
         assert_eq!(
             store.epoch().unwrap(),
             before + 1,
             "nothing removed, nothing to tell caches"
         );
-        assert!(recent.contains(&a) && recent.contains(&absent));
+        assert!(recent.contains(&a, 10).unwrap() && recent.contains(&absent, 10).unwrap());
     }
 
     #[test]
@@ -1077,12 +1226,15 @@ mod tests {
         let host = MemoryData::default();
         let store = Store::new(&host, "st/", 1024, 8);
         let (a, b) = two_tokens(&store);
+        let recent = RecentRevocations::new(&host, "st/etcd-recent/");
+        recent.initialize().unwrap();
         let slot_b = store.slot_key(&b);
         assert_ne!(store.slot_key(&a), slot_b);
         {
-            // a's removal goes through; every write of b's slot loses its race.
+            // a's removal goes through; every write of b's slot loses its race (the first three
+            // writes: a remembered, a removed, b remembered).
             let mut hooks = host.before_set.borrow_mut();
-            for _ in 0..crate::store::MAX_WRITE_ATTEMPTS {
+            for _ in 0..crate::store::MAX_WRITE_ATTEMPTS + 3 {
                 let k = slot_b.clone();
                 hooks.push(Box::new(move |h: &MemoryData| {
                     let (v, _) = h.get(&k).unwrap();
@@ -1092,36 +1244,75 @@ mod tests {
             hooks.push(Box::new(|_: &MemoryData| {}));
         }
         let before = store.epoch().unwrap();
-        let mut recent = RecentRevocations::default();
-        assert!(apply_markers(&store, &[a, b], &mut recent, 10).is_err());
+        assert!(apply_markers(&store, &[a, b], &recent, 10).is_err());
         assert_eq!(
             store.epoch().unwrap(),
             before + 1,
             "a left the store: caches must hear"
         );
         assert!(
-            recent.contains(&a) && !recent.contains(&b),
-            "b is applied by the next sweep"
+            recent.contains(&b, 10).unwrap(),
+            "remembered before its removal"
         );
-        assert_eq!(apply_markers(&store, &[a, b], &mut recent, 11), Ok(1));
+        assert_eq!(
+            apply_markers(&store, &[a, b], &recent, 11),
+            Ok(1),
+            "b is removed by the next sweep, though remembered"
+        );
     }
 
     #[test]
     fn recent_revocations_are_bounded_in_time_and_size() {
-        let mut recent = RecentRevocations::default();
-        recent.insert(StoreKey([1; 32]), 0);
-        recent.insert(StoreKey([1; 32]), 5);
-        assert_eq!(recent.len(), 1);
-        recent.insert(StoreKey([2; 32]), RECENT_SECONDS);
-        assert!(!recent.contains(&StoreKey([1; 32])));
-        assert!(recent.contains(&StoreKey([2; 32])));
+        let host = MemoryData::default();
+        let recent = RecentRevocations::new(&host, "st/etcd-recent/");
+        assert_eq!(
+            recent.initialize(),
+            Ok(RecentRevocations::<MemoryData>::SLOTS)
+        );
+        recent.insert(StoreKey([1; 32]), 0).unwrap();
+        recent.insert(StoreKey([2; 32]), 5).unwrap();
+        assert!(recent
+            .contains(&StoreKey([1; 32]), RECENT_SECONDS - 1)
+            .unwrap());
+        assert!(!recent.contains(&StoreKey([1; 32]), RECENT_SECONDS).unwrap());
+        assert!(recent.contains(&StoreKey([2; 32]), RECENT_SECONDS).unwrap());
+        let later = RECENT_SECONDS * 10;
         for i in 0..RECENT_CAPACITY + 10 {
             let mut k = [0u8; 32];
             k[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            k[31] = 9;
-            recent.insert(StoreKey(k), RECENT_SECONDS + 1);
+            k[8..16].copy_from_slice(&(i as u64).to_le_bytes());
+            recent.insert(StoreKey(k), later).unwrap();
         }
-        assert_eq!(recent.len(), RECENT_CAPACITY);
+        let held: usize = (0..RecentRevocations::<MemoryData>::SLOTS)
+            .map(|slot| {
+                let (value, _) = host.get(&format!("st/etcd-recent/{slot:x}")).unwrap();
+                crate::store::entries(&value).count()
+            })
+            .sum();
+        assert!(held <= RECENT_CAPACITY, "{held} entries");
+        assert!(held > RECENT_CAPACITY / 2, "{held} entries");
+    }
+
+    #[test]
+    fn one_worker_of_a_process_holds_the_poller_lease_until_it_lapses() {
+        let host = MemoryData::default();
+        let (a, b) = (
+            worker_number(&host, "st/etcd-workers", 77).unwrap(),
+            worker_number(&host, "st/etcd-workers", 77).unwrap(),
+        );
+        assert_eq!((a, b), (77, 78));
+        let lease = PollerLease::new("st/etcd-poller/p/");
+        assert!(lease.acquire(&host, a, 1_000, 2_500));
+        assert!(!lease.acquire(&host, b, 1_100, 2_600), "a holds it");
+        assert!(lease.acquire(&host, a, 1_500, 3_000), "renewed");
+        assert!(!lease.acquire(&host, b, 2_900, 4_400));
+        assert!(
+            lease.acquire(&host, b, 3_000, 4_500),
+            "a stopped renewing: b takes over"
+        );
+        assert!(!lease.acquire(&host, a, 3_100, 4_600));
+        // A lease on another key prefix is another poller's.
+        assert!(PollerLease::new("st/etcd-poller/q/").acquire(&host, a, 3_100, 4_600));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 use split_token_core::cache::LocalCache;
 use split_token_core::config::{EtcdConfig, KeySource, VerifyConfig};
-use split_token_core::etcd::{self, EtcdError, Leases, RecentRevocations};
+use split_token_core::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use split_token_core::introspect::{authenticate, introspect, Introspection};
 use split_token_core::keys::{
     first_request, on_response, FetchError, KeyRequest, KeyState, Outcome,
@@ -102,14 +102,16 @@ fn key_response(request: &KeyRequest, num_headers: usize, body_size: usize) -> O
 
 /// Starts one call to etcd's JSON gateway. A call that cannot start counts as unanswered.
 fn dispatch_etcd(config: &EtcdConfig, call: &etcd::Call) -> Result<u32, EtcdError> {
+    let mut headers = vec![
+        (":method", "POST"),
+        (":path", call.path),
+        (":authority", config.authority.as_str()),
+        ("content-type", "application/json"),
+    ];
+    headers.extend(config.retry_headers.iter().map(|(n, v)| (*n, v.as_str())));
     hostcalls::dispatch_http_call(
         &config.cluster,
-        vec![
-            (":method", "POST"),
-            (":path", call.path),
-            (":authority", &config.authority),
-            ("content-type", "application/json"),
-        ],
+        headers,
         Some(&call.body),
         vec![],
         Duration::from_millis(config.timeout_ms),
@@ -207,8 +209,10 @@ struct SplitTokenRoot {
     periodic: Option<(u32, KeyRequest)>,
     /// This worker's etcd leases, shared with its HTTP contexts.
     leases: Rc<RefCell<Leases>>,
-    /// Revocations this worker polled lately, shared with its HTTP contexts.
-    recent: Rc<RefCell<RecentRevocations>>,
+    /// This worker's number in the process, which names it as the revocation poller.
+    worker: u64,
+    /// Whether this worker held the poller's lease at its last tick.
+    polling: bool,
     /// etcd lookups under way on this worker, counted by its HTTP contexts.
     lookups: Rc<Cell<u32>>,
     /// The revocation poll: the call under way, where sweeps stand, when the last poll began.
@@ -246,8 +250,32 @@ impl SplitTokenRoot {
 }
 
 impl SplitTokenRoot {
-    fn etcd_config(&self) -> Option<&EtcdConfig> {
-        self.config.as_deref().and_then(|c| c.etcd.as_ref())
+    /// One poller per process: the worker holding the lease polls; the others rely on it.
+    fn tick_poller(&mut self, config: &Config, etcd_config: &EtcdConfig) {
+        let now_ms = now_ms();
+        // Held for three polls (at least 1.5 s): a late tick or two do not hand it over.
+        let until = now_ms.saturating_add(etcd_config.poll_ms.saturating_mul(3).max(1_500));
+        let holds = PollerLease::new(&etcd_config.poller_key).acquire(
+            &EnvoySharedData,
+            self.worker,
+            now_ms,
+            until,
+        );
+        if holds && !self.polling {
+            // Taken over (or first taken): sweep from where the store's last sweep ended (a new
+            // store reads every live marker).
+            let since = etcd::Watermark::new(&config.store_prefix, &etcd_config.key_prefix)
+                .load(&EnvoySharedData);
+            self.sweeps = etcd::Sweeps::new(etcd::sweep_slack_ms(etcd_config.timeout_ms), since);
+        }
+        self.polling = holds;
+        // Ticks come every `poll_ms` (or sooner) with some jitter: a quarter of slack keeps a
+        // late poll from waiting a whole extra tick.
+        let due = clock().saturating_sub(self.last_poll)
+            >= Duration::from_millis(etcd_config.poll_ms * 3 / 4);
+        if holds && self.poll.is_none() && due {
+            self.start_poll();
+        }
     }
 
     /// Asks etcd for the next page of revocation markers (see `etcd::Sweeps`).
@@ -270,7 +298,7 @@ impl SplitTokenRoot {
         self.sweeps.abandon();
         self.metrics.bump(Counter::EtcdFailures);
         if !self.poll_failing {
-            // Once per outage: a poll runs every `poll_ms` on every worker.
+            // Once per outage: the poller polls every `poll_ms`.
             log(LogLevel::Warn, &format!("revocation poll failed: {e}"));
         }
         self.poll_failing = true;
@@ -299,8 +327,8 @@ impl SplitTokenRoot {
             config.store_slots,
             config.slot_capacity,
         );
-        let applied =
-            etcd::apply_markers(&store, &markers.keys, &mut self.recent.borrow_mut(), now());
+        let recent = RecentRevocations::new(&EnvoySharedData, &etcd_config.recent_prefix);
+        let applied = etcd::apply_markers(&store, &markers.keys, &recent, now());
         match applied {
             Ok(removed) => {
                 self.metrics.add(Counter::EtcdRevocationsApplied, removed);
@@ -410,13 +438,25 @@ impl RootContext for SplitTokenRoot {
                 if let Some(etcd_config) = &config.etcd {
                     self.leases =
                         Rc::new(RefCell::new(Leases::new(etcd_config.lease_bucket_seconds)));
-                    // The first sweep starts where this store's last one did (every listener
-                    // update configures anew), or reads every live marker for a new store.
+                    let recent =
+                        RecentRevocations::new(&EnvoySharedData, &etcd_config.recent_prefix);
+                    let workers = format!("{}etcd-workers", config.store_prefix);
+                    match recent.initialize().and_then(|_| {
+                        etcd::worker_number(&EnvoySharedData, &workers, clock().as_nanos() as u64)
+                    }) {
+                        Ok(worker) => self.worker = worker,
+                        Err(e) => {
+                            log(
+                                LogLevel::Error,
+                                &format!("cannot initialize the etcd tier's shared data: {e}"),
+                            );
+                            return false;
+                        }
+                    }
+                    // Whichever worker holds the poller's lease at a tick sweeps from where the
+                    // store's last sweep ended (see `on_tick`).
                     self.poll = None;
-                    let since = etcd::Watermark::new(&config.store_prefix, &etcd_config.key_prefix)
-                        .load(&EnvoySharedData);
-                    self.sweeps =
-                        etcd::Sweeps::new(etcd::sweep_slack_ms(etcd_config.timeout_ms), since);
+                    self.polling = false;
                     self.last_poll = Duration::ZERO;
                     let poll = Duration::from_millis(etcd_config.poll_ms);
                     tick = Some(tick.map_or(poll, |t: Duration| t.min(poll)));
@@ -449,13 +489,9 @@ impl RootContext for SplitTokenRoot {
     }
 
     fn on_tick(&mut self) {
-        if let Some(etcd_config) = self.etcd_config() {
-            // Ticks come every `poll_ms` (or sooner) with some jitter: a quarter of slack keeps
-            // a late poll from waiting a whole extra tick.
-            let due = clock().saturating_sub(self.last_poll)
-                >= Duration::from_millis(etcd_config.poll_ms * 3 / 4);
-            if self.poll.is_none() && due {
-                self.start_poll();
+        if let Some(config) = self.config.clone() {
+            if let Some(etcd_config) = &config.etcd {
+                self.tick_poller(&config, etcd_config);
             }
         }
         let Some(verify) = self.verify_config() else {
@@ -484,7 +520,6 @@ impl RootContext for SplitTokenRoot {
             keys: Rc::clone(&self.keys),
             cache: Rc::clone(&self.cache),
             leases: Rc::clone(&self.leases),
-            recent: Rc::clone(&self.recent),
             lookups: Rc::clone(&self.lookups),
             state: State::Request,
             body_size: 0,
@@ -548,7 +583,6 @@ struct SplitTokenHttp {
     keys: Rc<RefCell<KeyState>>,
     cache: Rc<RefCell<LocalCache>>,
     leases: Rc<RefCell<Leases>>,
-    recent: Rc<RefCell<RecentRevocations>>,
     /// etcd lookups under way on this worker.
     lookups: Rc<Cell<u32>>,
     state: State,
@@ -1092,7 +1126,14 @@ impl SplitTokenHttp {
             Err(e) => return self.fetch_failed(&e, then),
         };
         let adopted = match &fetched {
-            Some(f) => etcd::adopt(&self.store(), key, f, &self.recent.borrow(), now()),
+            Some(f) => match &self.config.etcd {
+                Some(etcd_config) => {
+                    let recent =
+                        RecentRevocations::new(&EnvoySharedData, &etcd_config.recent_prefix);
+                    etcd::adopt(&self.store(), key, f, &recent, now())
+                }
+                None => Ok(None),
+            },
             None => Ok(None),
         };
         match adopted {
@@ -1175,6 +1216,14 @@ impl SplitTokenHttp {
     /// etcd has the revocation (or there is no etcd): revoke here, then let the request go on.
     fn after_retract(&mut self, key: StoreKey, then: AfterRetract) -> Action {
         self.state = State::Done;
+        if let Some(etcd_config) = &self.config.etcd {
+            // Remembered before the removal, as the poller does: a read of this token from etcd
+            // on another worker, racing this revocation, is not kept.
+            let recent = RecentRevocations::new(&EnvoySharedData, &etcd_config.recent_prefix);
+            if let Err(e) = recent.remember(key, now()) {
+                log(LogLevel::Error, &format!("revocation: {e}"));
+            }
+        }
         if let Err(failure) = revoke::forget(&self.store(), &key) {
             // etcd has it, and this replica's next sweep applies it; the client may retry.
             if let Failure::Store(e) = &failure {
