@@ -176,22 +176,29 @@ def start_httpbin(port: int, run_dir: Path) -> Process:
 
 
 def start_etcd(port: int, run_dir: Path, data_dir: Path | None = None,
-               peer_port: int | None = None) -> Process:
+               peer_port: int | None = None, *, name: str = "default",
+               initial_cluster: str | None = None, extra_args: list[str] | None = None,
+               wait: bool = True) -> Process:
     """A one-member etcd on loopback, ready when its v3 JSON gateway answers a range. Pass the
     `data_dir` and `peer_port` of a stopped one (`p.data_dir`, `p.peer_port`) to restart it
-    with its data."""
+    with its data.
+
+    A member of a cluster (tests/cluster.py) also gets its `name`, the `initial_cluster`
+    (`name=http://127.0.0.1:<peer port>,...`), further flags in `extra_args`, and `wait=False`:
+    a member answers a range only once a quorum of its cluster is up."""
     peer_port = peer_port or free_port()
     data_dir = data_dir or run_dir / f"etcd-{port}.data"
     client = f"http://127.0.0.1:{port}"
     peer = f"http://127.0.0.1:{peer_port}"
-    argv = [str(ETCD_BIN), "--name", "default", "--data-dir", str(data_dir),
+    argv = [str(ETCD_BIN), "--name", name, "--data-dir", str(data_dir),
             "--listen-client-urls", client, "--advertise-client-urls", client,
             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"default={peer}"]
-    p = Process("etcd", argv, run_dir / f"etcd-{port}.log")
+            "--initial-cluster", initial_cluster or f"{name}={peer}"] + (extra_args or [])
+    p = Process("etcd" if name == "default" else f"etcd-{name}", argv, run_dir / f"etcd-{port}.log")
     p.port, p.data_dir, p.peer_port = port, data_dir, peer_port
-    wait_for("etcd", lambda: etcd_call(port, "/v3/kv/range", {"key": _b64(b"ready")}) is not None,
-             proc=p.proc)
+    if wait:
+        wait_for("etcd", lambda: etcd_call(port, "/v3/kv/range", {"key": _b64(b"ready")}) is not None,
+                 proc=p.proc)
     return p
 
 
