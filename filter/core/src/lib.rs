@@ -27,6 +27,7 @@ pub mod cache;
 pub mod claims;
 pub mod config;
 pub mod etcd;
+pub mod flow;
 pub mod introspect;
 pub mod keys;
 pub mod reply;

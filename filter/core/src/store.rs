@@ -31,6 +31,24 @@ pub const MAX_WRITE_ATTEMPTS: u32 = 32;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostStatus(pub u32);
 
+/// The status by its proxy-wasm ABI name (`BadArgument`), as log lines show it.
+impl fmt::Display for HostStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            0 => "Ok",
+            1 => "NotFound",
+            2 => "BadArgument",
+            3 => "SerializationFailure",
+            4 => "ParseFailure",
+            7 => "Empty",
+            8 => "CasMismatch",
+            10 => "InternalFailure",
+            other => return write!(f, "Status({other})"),
+        };
+        f.write_str(name)
+    }
+}
+
 /// What a shared-data write can report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SetError {
