@@ -122,7 +122,7 @@ pub fn on_response(request: &KeyRequest, status: Option<&[u8]>, body: &[u8]) -> 
                 Ok(doc) => doc,
                 Err(e) => {
                     return Outcome::Failed(FetchError::Discovery {
-                        reason: crate::response::describe(&e),
+                        reason: crate::token::describe(&e),
                     })
                 }
             };

@@ -192,6 +192,17 @@ impl fmt::Debug for CompactJws<'_> {
     }
 }
 
+/// Describes a serde_json error by category and position only: its message could quote the body.
+pub(crate) fn describe(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "not an object",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
