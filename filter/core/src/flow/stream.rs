@@ -9,20 +9,20 @@
 use super::host::{Answer, HostExt, Level, Message, StreamHost};
 use super::worker::{dispatch_etcd, dispatch_key_request, key_response, store, Shared};
 use super::Action;
-use crate::etcd::{self, EtcdError, RecentRevocations};
-use crate::introspect::{authenticate, introspect, Introspection};
-use crate::keys::{first_request, FetchError, KeyRequest, Outcome};
+use crate::issue::keys::{first_request, FetchError, KeyRequest, Outcome};
+use crate::issue::response::{classify, split, ResponseAction, SplitError, SplitPlan};
+use crate::lifecycle::introspect::{authenticate, introspect, Introspection};
+use crate::lifecycle::revoke::{self, Failure, RevocationError, RevocationPlan};
+use crate::replicas::etcd::{self, EtcdError, RecentRevocations};
 use crate::reply::{
     introspection_reply, issue_failure, revocation_done, revocation_failure,
     shared_store_unavailable, IssueFailure, LocalReply,
 };
 use crate::request::{authorize, presented_key, Rejection, Verdict};
-use crate::response::{classify, split, ResponseAction, SplitError, SplitPlan};
-use crate::revoke::{self, Failure, RevocationError, RevocationPlan};
 use crate::stats::Counter;
 use crate::store::StoreError;
+use crate::token::verify::{verify, VerifyError};
 use crate::token::StoreKey;
-use crate::verify::{verify, VerifyError};
 use crate::{Config, Route};
 use std::cell::Cell;
 use std::rc::Rc;
@@ -739,7 +739,7 @@ impl Stream {
             match leases.get(bucket, now) {
                 Some(lease) => (write(lease), LeaseStep::Writing { bucket, retried }),
                 None => (
-                    etcd::grant(crate::etcd::Leases::ttl(bucket, now)),
+                    etcd::grant(crate::replicas::etcd::Leases::ttl(bucket, now)),
                     LeaseStep::Granting { bucket, retried },
                 ),
             }

@@ -6,11 +6,11 @@
 
 use super::host::{Answer, Host, HostExt, Level};
 use super::stream::Stream;
-use crate::cache::LocalCache;
 use crate::config::{EtcdConfig, KeySource, VerifyConfig};
-use crate::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
-use crate::keys::{first_request, on_response, KeyRequest, KeyState, Outcome};
+use crate::issue::keys::{first_request, on_response, KeyRequest, KeyState, Outcome};
+use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use crate::stats::Counter;
+use crate::store::cache::LocalCache;
 use crate::store::{HostStatus, Store};
 use crate::Config;
 use std::cell::{Cell, RefCell};

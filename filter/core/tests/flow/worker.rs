@@ -1,7 +1,7 @@
 //! The worker's own duties: key refresh on its tick, the revocation poller.
 
 use super::*;
-use split_token_core::etcd::marker_key;
+use split_token_core::replicas::etcd::marker_key;
 use split_token_core::token::Signature;
 use std::time::Duration;
 

@@ -1,4 +1,5 @@
-//! The token store: a fixed key space of slots in Envoy shared data.
+//! Stage 3 of a token's life, the store: a fixed key space of slots in Envoy shared data, and
+//! each worker's cache in front of it ([`cache`]).
 //!
 //! Envoy never frees a shared-data key, so the store addresses exactly `store_slots` keys
 //! (`<prefix><slot>`), whatever the churn. A slot holds a few entries:
@@ -18,6 +19,8 @@
 //! before any token is written; entries are only ever written with a CAS token. Should a slot be
 //! missing anyway (initialization failed), `put` creates it empty first and retries, so an entry
 //! is never written blind; only that fallback keeps the (tiny) creation race.
+
+pub mod cache;
 
 use crate::token::StoreKey;
 use std::fmt;

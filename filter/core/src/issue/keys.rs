@@ -7,7 +7,7 @@
 //! then the JWKS itself.
 
 use crate::config::{KeySource, VerifyConfig};
-use crate::verify::{JwksError, KeySet};
+use crate::token::verify::{JwksError, KeySet};
 use serde::Deserialize;
 use std::fmt;
 

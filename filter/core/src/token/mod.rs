@@ -6,6 +6,10 @@
 //!   bearer credential and is never stored or logged.
 //! - [`StoreKey`]: SHA-256 of the signature text. It addresses the store and cannot be turned
 //!   back into a credential.
+//!
+//! A `CompactJws` becomes trusted only through [`verify`], against the IdP's keys.
+
+pub mod verify;
 
 use jwt_compact::{ParseError, UntrustedToken};
 use serde::Deserialize;
