@@ -1,10 +1,10 @@
 //! `request`: parsing `Authorization` and deciding a request against a store with one token.
 
 use crate::support::MemoryData;
-use split_token_core::cache::LocalCache;
 use split_token_core::request::{
     authorize, has_dpop_proof, parse_authorization, Credentials, Rejection, Verdict,
 };
+use split_token_core::store::cache::LocalCache;
 use split_token_core::store::{Entry, Store};
 use split_token_core::token::{is_base64url, Signature};
 use split_token_core::Config;

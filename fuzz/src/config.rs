@@ -8,7 +8,7 @@ use split_token_core::config::{
     KeySource, MAX_LOCAL_CACHE_ENTRIES, MAX_SLOT_CAPACITY, MAX_STORE_SLOTS,
     MAX_TOKEN_RESPONSE_BYTES,
 };
-use split_token_core::verify::SUPPORTED_ALGORITHMS;
+use split_token_core::token::verify::SUPPORTED_ALGORITHMS;
 use split_token_core::{Config, ConfigError, Route};
 
 const FIELDS: [&str; 18] = [

@@ -9,14 +9,14 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use split_token_core::config::Config;
-use split_token_core::etcd::{
+use split_token_core::lifecycle::revoke::{could_be_signature, parse_form, remote_candidate};
+use split_token_core::replicas::etcd::{
     adopt, apply_markers, get_token, grant, marker_key, miss_key, parse_get, parse_grant,
     parse_poll, parse_write, poll, put_token, revoke, sweep_slack_ms, token_key, Call, EtcdError,
     Fetched, Leases, Markers, RecentRevocations, Sweeps, Watermark, POLL_LIMIT, RECENT_CAPACITY,
     RECENT_SECONDS, SWEEP_SLACK_MS,
 };
 use split_token_core::request::{Rejection, Verdict};
-use split_token_core::revoke::{could_be_signature, parse_form, remote_candidate};
 use split_token_core::store::{find, Entry, Lookup, SharedData, Store};
 use split_token_core::token::{Signature, StoreKey};
 use std::collections::{BTreeMap, BTreeSet, HashMap};

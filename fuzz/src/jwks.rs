@@ -4,8 +4,8 @@ use crate::support::b64;
 use arbitrary::{Arbitrary, Unstructured};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
-use split_token_core::keys::{on_response, KeyRequest, Outcome, Step, DISCOVERY_PATH};
-use split_token_core::verify::{verify, KeySet, Policy, VerifyError};
+use split_token_core::issue::keys::{on_response, KeyRequest, Outcome, Step, DISCOVERY_PATH};
+use split_token_core::token::verify::{verify, KeySet, Policy, VerifyError};
 use split_token_core::Config;
 
 const NOW: u64 = 1_700_000_000;

@@ -2,7 +2,7 @@
 
 use crate::support::{b64, form_body, form_params, MemoryData};
 use arbitrary::{Result, Unstructured};
-use split_token_core::revoke::{
+use split_token_core::lifecycle::revoke::{
     could_be_signature, encode_form, parse_form, revoke, Failure, RevocationError, RevocationPlan,
     MAX_REVOCATION_BODY,
 };

@@ -209,7 +209,7 @@ pub fn form_params(u: &mut Unstructured<'_>) -> Result<Vec<(String, String)>> {
 /// A form body for `params`: fully encoded, or with spaces as '+' and other characters left as
 /// they are wherever that is unambiguous, as clients send them.
 pub fn form_body(u: &mut Unstructured<'_>, params: &[(String, String)]) -> Result<Vec<u8>> {
-    use split_token_core::revoke::encode_form;
+    use split_token_core::lifecycle::revoke::encode_form;
     if u.arbitrary()? {
         return Ok(encode_form(params));
     }

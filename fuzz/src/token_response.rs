@@ -3,7 +3,7 @@
 use crate::support::{jwt, members, signature_bytes, string};
 use arbitrary::{Arbitrary, Result, Unstructured};
 use serde_json::json;
-use split_token_core::response::{classify, split, ResponseAction, SplitError, SplitPlan};
+use split_token_core::issue::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use split_token_core::token::{CompactJws, Signature};
 use split_token_core::Config;
 

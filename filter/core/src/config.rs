@@ -5,7 +5,7 @@
 //! JSON to `on_configure`; an error there makes the filter refuse the configuration.
 
 use crate::claims::{check_header_name, ClaimHeader, ClaimPath};
-use crate::verify::{KeySet, Policy, DEFAULT_ALGORITHMS, SUPPORTED_ALGORITHMS};
+use crate::token::verify::{KeySet, Policy, DEFAULT_ALGORITHMS, SUPPORTED_ALGORITHMS};
 use serde::Deserialize;
 use std::fmt;
 
@@ -269,9 +269,9 @@ pub struct EtcdConfig {
     /// formatted once.
     pub retry_headers: Vec<(&'static str, String)>,
     /// Shared-data prefix of the revocations applied lately in this process
-    /// ([`crate::etcd::RecentRevocations`]).
+    /// ([`crate::replicas::etcd::RecentRevocations`]).
     pub recent_prefix: String,
-    /// Shared-data key of the revocation poller's lease ([`crate::etcd::PollerLease`]).
+    /// Shared-data key of the revocation poller's lease ([`crate::replicas::etcd::PollerLease`]).
     pub poller_key: String,
     /// How often each worker asks for new revocations.
     pub poll_ms: u64,

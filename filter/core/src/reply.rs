@@ -1,12 +1,12 @@
 //! The one place where decisions become HTTP answers (RFC 6750 §3 for API requests).
 
 use crate::config::Config;
-use crate::keys::FetchError;
+use crate::issue::keys::FetchError;
+use crate::issue::response::SplitError;
 use crate::request::Rejection;
-use crate::response::SplitError;
 use crate::stats::Counter;
 use crate::store::StoreError;
-use crate::verify::VerifyError;
+use crate::token::verify::VerifyError;
 
 /// A response the filter sends itself instead of forwarding.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,14 +137,14 @@ pub fn revocation_done() -> LocalReply<'static> {
 }
 
 /// The answer to a revocation request that cannot be handled.
-pub fn revocation_failure(failure: &crate::revoke::Failure) -> LocalReply<'static> {
+pub fn revocation_failure(failure: &crate::lifecycle::revoke::Failure) -> LocalReply<'static> {
     match failure {
-        crate::revoke::Failure::Request(e) => LocalReply {
+        crate::lifecycle::revoke::Failure::Request(e) => LocalReply {
             status: 400,
             www_authenticate: None,
             body: json(Some("invalid_request"), &e.to_string()),
         },
-        crate::revoke::Failure::Store(_) => LocalReply {
+        crate::lifecycle::revoke::Failure::Store(_) => LocalReply {
             status: 503,
             www_authenticate: None,
             body: json(
@@ -170,9 +170,9 @@ pub fn shared_store_unavailable() -> LocalReply<'static> {
 /// The answer to an introspection request (RFC 7662).
 pub fn introspection_reply<'c>(
     config: &'c Config,
-    outcome: &crate::introspect::Introspection,
+    outcome: &crate::lifecycle::introspect::Introspection,
 ) -> LocalReply<'c> {
-    use crate::introspect::Introspection;
+    use crate::lifecycle::introspect::Introspection;
     match outcome {
         Introspection::Unauthorized => LocalReply {
             status: 401,
@@ -205,7 +205,7 @@ pub enum IssueFailure<'a> {
     /// No keys could be loaded to verify it.
     Keys(&'a FetchError),
     /// The token could not be written to etcd, so other replicas would not know it.
-    Etcd(&'a crate::etcd::EtcdError),
+    Etcd(&'a crate::replicas::etcd::EtcdError),
 }
 
 /// The 502 a client gets instead of a token the gateway could not split or store, or the 503
@@ -272,7 +272,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_etcd_is_a_503_the_client_may_retry() {
-        let e = crate::etcd::EtcdError::NoAnswer { call: "put" };
+        let e = crate::replicas::etcd::EtcdError::NoAnswer { call: "put" };
         for r in [
             issue_failure(IssueFailure::Etcd(&e)),
             shared_store_unavailable(),

@@ -1,8 +1,8 @@
 //! API requests: parse `Authorization`, look the signature up, decide.
 
-use crate::cache::{Forward, LocalCache};
 use crate::config::{Config, FullJwtPolicy};
 use crate::stats::Counter;
+use crate::store::cache::{Forward, LocalCache};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::Signature;
 use std::rc::Rc;

@@ -1,4 +1,5 @@
-//! The token store: a fixed key space of slots in Envoy shared data.
+//! Stage 3 of a token's life, the store: a fixed key space of slots in Envoy shared data, and
+//! each worker's cache in front of it ([`cache`]).
 //!
 //! Envoy never frees a shared-data key, so the store addresses exactly `store_slots` keys
 //! (`<prefix><slot>`), whatever the churn. A slot holds a few entries:
@@ -19,6 +20,8 @@
 //! missing anyway (initialization failed), `put` creates it empty first and retries, so an entry
 //! is never written blind; only that fallback keeps the (tiny) creation race.
 
+pub mod cache;
+
 use crate::token::StoreKey;
 use std::fmt;
 
@@ -30,6 +33,24 @@ pub const MAX_WRITE_ATTEMPTS: u32 = 32;
 /// A failed host call, with the status the host returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostStatus(pub u32);
+
+/// The status by its proxy-wasm ABI name (`BadArgument`), as log lines show it.
+impl fmt::Display for HostStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let name = match self.0 {
+            0 => "Ok",
+            1 => "NotFound",
+            2 => "BadArgument",
+            3 => "SerializationFailure",
+            4 => "ParseFailure",
+            7 => "Empty",
+            8 => "CasMismatch",
+            10 => "InternalFailure",
+            other => return write!(f, "Status({other})"),
+        };
+        f.write_str(name)
+    }
+}
 
 /// What a shared-data write can report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

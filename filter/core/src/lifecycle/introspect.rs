@@ -8,7 +8,7 @@
 //! configured clients may ask: an open endpoint would turn signatures into identities for anyone.
 
 use crate::config::IntrospectionConfig;
-use crate::revoke::{parse_form, percent_decode, RevocationError};
+use crate::lifecycle::revoke::{parse_form, percent_decode, RevocationError};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::Signature;
 use base64::engine::general_purpose::STANDARD;

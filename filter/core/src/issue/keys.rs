@@ -7,7 +7,7 @@
 //! then the JWKS itself.
 
 use crate::config::{KeySource, VerifyConfig};
-use crate::verify::{JwksError, KeySet};
+use crate::token::verify::{JwksError, KeySet};
 use serde::Deserialize;
 use std::fmt;
 
@@ -122,7 +122,7 @@ pub fn on_response(request: &KeyRequest, status: Option<&[u8]>, body: &[u8]) -> 
                 Ok(doc) => doc,
                 Err(e) => {
                     return Outcome::Failed(FetchError::Discovery {
-                        reason: crate::response::describe(&e),
+                        reason: crate::token::describe(&e),
                     })
                 }
             };

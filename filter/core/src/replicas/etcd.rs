@@ -25,8 +25,8 @@
 //!   when etcd is restored from a backup.
 
 use crate::config::Config;
+use crate::lifecycle::revoke::could_be_signature;
 use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
-use crate::revoke::could_be_signature;
 use crate::store::{
     find, Entry, HostStatus, Lookup, PutReport, SetError, SharedData, Store, StoreError,
     MAX_WRITE_ATTEMPTS,

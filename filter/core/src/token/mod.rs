@@ -6,6 +6,10 @@
 //!   bearer credential and is never stored or logged.
 //! - [`StoreKey`]: SHA-256 of the signature text. It addresses the store and cannot be turned
 //!   back into a credential.
+//!
+//! A `CompactJws` becomes trusted only through [`verify`], against the IdP's keys.
+
+pub mod verify;
 
 use jwt_compact::{ParseError, UntrustedToken};
 use serde::Deserialize;
@@ -190,6 +194,17 @@ impl fmt::Debug for CompactJws<'_> {
             .field("exp", &self.exp)
             .finish_non_exhaustive()
     }
+}
+
+/// Describes a serde_json error by category and position only: its message could quote the body.
+pub(crate) fn describe(e: &serde_json::Error) -> String {
+    let what = match e.classify() {
+        serde_json::error::Category::Io => "read error",
+        serde_json::error::Category::Syntax => "syntax error",
+        serde_json::error::Category::Data => "not an object",
+        serde_json::error::Category::Eof => "truncated",
+    };
+    format!("{what} at line {} column {}", e.line(), e.column())
 }
 
 #[cfg(test)]

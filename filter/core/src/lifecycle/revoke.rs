@@ -14,9 +14,9 @@
 //!   RFC 7009 §2.2 answers invalid tokens, and nothing is forwarded. The answer is the same as
 //!   for a known token, so the endpoint tells a caller nothing about which signatures exist.
 
-use crate::cache::LocalCache;
 use crate::config::Config;
 use crate::request::{authorize, presented_key, Rejection, Verdict};
+use crate::store::cache::LocalCache;
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
 use crate::token::{Signature, StoreKey};
 use std::fmt;

@@ -172,17 +172,6 @@ impl<'de> serde::Deserialize<'de> for Members<'de> {
     }
 }
 
-/// Describes a serde_json error by category and position only: its message could quote the body.
-pub(crate) fn describe(e: &serde_json::Error) -> String {
-    let what = match e.classify() {
-        serde_json::error::Category::Io => "read error",
-        serde_json::error::Category::Syntax => "syntax error",
-        serde_json::error::Category::Data => "not an object",
-        serde_json::error::Category::Eof => "truncated",
-    };
-    format!("{what} at line {} column {}", e.line(), e.column())
-}
-
 /// `expires_in` as seconds: a JSON number, or a string of digits (some IdPs). A negative value
 /// means already expired. Kept as a float, fraction and all, so that the rewrite compares what
 /// the client reads: a JSON number is read by Rust's parser, which takes every JSON number
@@ -207,7 +196,7 @@ pub fn split(config: &Config, body: &[u8], now: u64) -> Result<SplitPlan, SplitE
         return Err(SplitError::Empty);
     }
     let Members(members) = serde_json::from_slice(body).map_err(|e| SplitError::NotJsonObject {
-        reason: describe(&e),
+        reason: crate::token::describe(&e),
     })?;
 
     for name in ["access_token", "expires_in"] {

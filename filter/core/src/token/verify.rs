@@ -123,7 +123,7 @@ impl KeySet {
     /// operator-written JWKS); a key set fetched from the network never supplies HMAC secrets.
     pub fn parse(json: &[u8], allow_symmetric: bool) -> Result<Self, JwksError> {
         let raw: RawJwks = serde_json::from_slice(json).map_err(|e| JwksError::Malformed {
-            reason: crate::response::describe(&e),
+            reason: crate::token::describe(&e),
         })?;
         let mut set = KeySet::default();
         for value in raw.keys {

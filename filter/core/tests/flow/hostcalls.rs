@@ -1,0 +1,39 @@
+//! Host calls per token hit and per public request: the flow's share of a request's cost
+//! (issue 14). The adapter adds none: each host method is one host call.
+
+use super::*;
+
+fn calls_of(proxy: &Proxy, f: impl FnOnce()) -> u32 {
+    let before = proxy.world.hostcalls.get();
+    f();
+    proxy.world.hostcalls.get() - before
+}
+
+/// A cached hit: `:path`, `Authorization`, the clock, the counter, the rebuilt `Authorization`;
+/// plus one removal and one write per claim header and the route recomputation; plus the
+/// epoch read with revocation configured. A public request: the removals, `:path` and the
+/// route recomputation.
+#[test]
+fn host_calls_per_hit_and_per_public_request() {
+    for (extra, hit, public) in [
+        (json!({"claims_to_headers": []}), 5, 1),
+        (json!({}), 8, 3),
+        (json!({"revocation_paths": ["/auth/revoke"]}), 9, 3),
+    ] {
+        let mut c = config(extra);
+        c["public_prefixes"] = json!(["/health/"]);
+        let proxy = Proxy::new(&c);
+        let token = issue(&proxy, &jwt("alice"));
+        let _warm = api(&proxy, &bearer(&token));
+        let n = calls_of(&proxy, || {
+            let (_, action) = api(&proxy, &bearer(&token));
+            assert_eq!(action, Action::Continue);
+        });
+        assert_eq!(n, hit, "hit with {c}");
+        let n = calls_of(&proxy, || {
+            let mut ex = proxy.exchange();
+            ex.request_headers(&[(":method", "GET"), (":path", "/health/x")], true);
+        });
+        assert_eq!(n, public, "public request with {c}");
+    }
+}
