@@ -35,6 +35,11 @@ build: toolchain
 oci *args: deps build
     {{venv}}/bin/python tests/oci/build.py {{wasm}} {{CARGO_TARGET_DIR}}/oci {{args}}
 
+# The no-op proxy-wasm filter of the benchmarks (tests/bench/noop), built and optimized like the shipped module
+build-noop: toolchain
+    cargo build --release --target wasm32-wasip1 -p split-token-bench-noop
+    tests/wasm-opt.sh {{CARGO_TARGET_DIR}}/wasm32-wasip1/release/split_token_bench_noop.wasm {{CARGO_TARGET_DIR}}/dist/split_token_bench_noop.wasm
+
 # The .wasm with fault injection, for the VM-failure tests only: never ship it
 build-fault: toolchain
     cargo build --profile fault --target wasm32-wasip1 -p split-token-filter --features fault-injection
@@ -85,8 +90,8 @@ bench-deps:
     command -v h2load >/dev/null && command -v wrk >/dev/null || \
       (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
 
-# Throughput vs bare Envoy and jwt_authn, store scale and churn, the etcd tier across replicas -> docs/benchmarks.md (--quick: smoke run)
-bench *args: deps build bench-deps
+# Throughput vs bare Envoy and jwt_authn, store scale and churn, the etcd tier across replicas, its cost in a 3-member etcd cluster -> docs/benchmarks.md (--quick: smoke run)
+bench *args: deps build build-noop bench-deps
     #!/usr/bin/env bash
     set -euo pipefail
     quick=""; [[ " {{args}} " == *" --quick "* ]] && quick="--quick"
@@ -94,9 +99,10 @@ bench *args: deps build bench-deps
     {{venv}}/bin/python tests/bench/bench.py $quick --json .run/bench/throughput.json
     {{venv}}/bin/python tests/bench/scale.py $quick --json .run/bench/scale.json
     {{venv}}/bin/python tests/bench/replicas.py $quick --json .run/bench/replicas.json
+    {{venv}}/bin/python tests/bench/cluster_cost.py $quick --json .run/bench/cluster.json
     if [ -z "$quick" ]; then
       {{venv}}/bin/python tests/bench/report.py .run/bench/throughput.json .run/bench/scale.json \
-        .run/bench/replicas.json
+        .run/bench/replicas.json .run/bench/cluster.json
     fi
 
 # Fuzz every core parser for a bounded time each (not in CI): just fuzz [seconds-per-target] [target...]

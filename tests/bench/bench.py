@@ -38,6 +38,16 @@ ROUTER = {"name": "envoy.filters.http.router",
 
 
 wasm_filter = stack.wasm_http_filter
+# The floor of any Wasm filter: every callback continues (tests/bench/noop, built and put through
+# wasm-opt like the shipped module by `just build-noop`).
+NOOP_WASM = stack.TARGET_DIR / "dist" / "split_token_bench_noop.wasm"
+
+
+def noop_filter() -> dict:
+    entry = wasm_filter({}, code=NOOP_WASM)
+    config = entry["typed_config"]["config"]
+    config["name"] = config["root_id"] = config["vm_config"]["vm_id"] = "noop"
+    return entry
 
 
 def jwt_authn_filter(jwks: str, cache: bool) -> dict:
@@ -121,7 +131,8 @@ def main() -> int:
     try:
         jwks = requests.get(f"http://127.0.0.1:{idp.port}/jwks", timeout=5).text
         ports = {name: stack.free_port() for name in
-                 ("bare", "floor", "hit", "hitnoopt", "hitrev", "hit3", "hit3k", "miss", "jwt_authn", "jwt_authn_cache",
+                 ("bare", "noop", "floor", "hit", "hitnoopt", "hitrev", "hit3", "hit3rev", "hit3k", "miss",
+                  "jwt_authn", "jwt_authn_cache",
                   "issue", "issue_bare")}
         base = {"token_paths": ["/auth/token"], "public_prefixes": ["/public/"],
                 "store_slots": 65536}
@@ -129,6 +140,7 @@ def main() -> int:
         ok_route = {"match": {"prefix": "/"}, "direct_response": OK}
         listeners = [
             listener("bare", ports["bare"], [], [ok_route]),
+            listener("noop", ports["noop"], [noop_filter()], [ok_route]),
             listener("floor", ports["floor"], [wasm_filter(base)], [ok_route]),
             listener("hit", ports["hit"], [wasm_filter(base)], [idp_route, ok_route]),
             # cargo's output before wasm-opt, under the same vm_id (so the same store): what the
@@ -138,6 +150,9 @@ def main() -> int:
             listener("hitrev", ports["hitrev"], [wasm_filter({**base, "revocation_paths": ["/auth/revoke"]})],
                      [idp_route, ok_route]),
             listener("hit3", ports["hit3"], [wasm_filter({**base, "claims_to_headers": CLAIMS})], [idp_route, ok_route]),
+            listener("hit3rev", ports["hit3rev"],
+                     [wasm_filter({**base, "claims_to_headers": CLAIMS, "revocation_paths": ["/auth/revoke"]})],
+                     [idp_route, ok_route]),
             listener("hit3k", ports["hit3k"],
                      [wasm_filter({**base, "claims_to_headers": CLAIMS, "recompute_route": False})],
                      [idp_route, ok_route]),
@@ -166,11 +181,13 @@ def main() -> int:
         url = lambda name, path="/x": f"http://127.0.0.1:{ports[name]}{path}"  # noqa: E731
         rows = {
             "bare Envoy (no filter)": (url("bare"), None, "200"),
+            "no-op wasm filter (every callback continues)": (url("noop"), None, "200"),
             "filter loaded, public path (floor)": (url("floor", "/public/x"), None, "200"),
             "token hit, 0 claim headers": (url("hit"), f"Bearer {sig}", "200"),
             "token hit, 0 claim headers, module before wasm-opt": (url("hitnoopt"), f"Bearer {sig}", "200"),
             "token hit, 0 claim headers, revocation on": (url("hitrev"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers": (url("hit3"), f"Bearer {sig}", "200"),
+            "token hit, 3 claim headers, revocation on": (url("hit3rev"), f"Bearer {sig}", "200"),
             "token hit, 3 claim headers, recompute_route off": (url("hit3k"), f"Bearer {sig}", "200"),
             "token miss (401)": (url("miss"), "Bearer unknown-signature", "401"),
             "jwt_authn RS256, no cache": (url("jwt_authn"), f"Bearer {full}", "200"),
@@ -200,12 +217,14 @@ def main() -> int:
         med = {name: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
                for name, rs in results.items()}
         bare, floor = med["bare Envoy (no filter)"], med["filter loaded, public path (floor)"]
-        lines = ["| variant | req/s | vs bare | vs floor | p50 ms | p99 ms | p99 vs bare |",
-                 "|---|---:|---:|---:|---:|---:|---:|"]
+        noop = med["no-op wasm filter (every callback continues)"]
+        lines = ["| variant | req/s | vs bare | vs no-op wasm | vs floor | p50 ms | p99 ms | p99 vs bare | p99 vs no-op |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for name, m in med.items():
             lines.append(f"| {name} | {m['rps']:.0f} | {m['rps'] / bare['rps']:.2f}x | "
+                         f"{m['rps'] / noop['rps']:.2f}x | "
                          f"{m['rps'] / floor['rps']:.2f}x | {m['p50']:.2f} | {m['p99']:.2f} | "
-                         f"{m['p99'] / bare['p99']:.2f}x |")
+                         f"{m['p99'] / bare['p99']:.2f}x | {m['p99'] / noop['p99']:.2f}x |")
         table = "\n".join(lines)
         issuance = (f"Token issuance through the filter: median {statistics.median(issue['issue']):.2f} ms vs "
                     f"{statistics.median(issue['issue_bare']):.2f} ms with the filter off "

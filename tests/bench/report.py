@@ -1,6 +1,7 @@
-"""Turns the JSON of bench.py and scale.py into docs/benchmarks.md and two SVG charts.
+"""Turns the JSON of bench.py, scale.py, replicas.py and cluster_cost.py into docs/benchmarks.md
+and two SVG charts.
 
-usage: python tests/bench/report.py THROUGHPUT.json SCALE.json [REPLICAS.json]
+usage: python tests/bench/report.py THROUGHPUT.json SCALE.json [REPLICAS.json [CLUSTER.json]]
 """
 
 from __future__ import annotations
@@ -71,7 +72,167 @@ end-to-end test (`tests/e2e/test_replicas.py`) checks it stays under 2 s.
 """
 
 
-def main(throughput_path: str, scale_path: str, replicas_path: str | None = None) -> int:
+def cluster_section(path: str | None) -> str:
+    if not path:
+        return ""
+    c = json.loads(Path(path).read_text())
+    cost, idle, tables = c["cost"], c["idle"], c["tables"]
+    flags = " ".join(c["etcd_flags"])
+    retention_s = _seconds(c["etcd_flags"][c["etcd_flags"].index("--auto-compaction-retention") + 1])
+    hp = c["header_payload_bytes"]
+    # The sizing rule, from this run's figures.
+    live_tokens, lifetime, bucket, replicas, workers = 1_000_000, 3600, 60, 3, 2
+    b_live = max(cost["in_use_per_token"], cost["db_per_token"])
+    b_hist = cost["history_per_token"]
+    b_rev = cost["revoked"]["in_use_per_revocation"]
+    rate = live_tokens / lifetime
+    # Periodic compaction with a retention T of an hour or less compacts every T, to the revision
+    # of T ago: just before a compaction the history holds 2T of deletions (put + tombstone each).
+    window = 2 * retention_s if retention_s <= 3600 else retention_s + 3600
+    live_bytes = live_tokens * b_live
+    hist_bytes = rate * window * b_hist
+    revoked = live_tokens // 100  # 1 % of the live tokens revoked before they expire
+    peak = live_bytes + hist_bytes + revoked * b_rev
+    quota = 2 * peak
+    per_token_peak = peak / live_tokens
+    leases_live = replicas * workers * (-(-lifetime // bucket) + 1)
+    keys_per_lease = live_tokens / (replicas * workers * lifetime / bucket)
+    w2 = next((r for r in idle if r["workers"] == 2), idle[0])
+    sweep_text = ", ".join(f"{r['in_flight']} in flight: {r['rate']:,}/s" for r in cost["sweep"])
+    hc = w2["etcd_health_rps"]
+    return f"""
+## Cost in etcd (3-member cluster)
+
+`tests/bench/cluster_cost.py`: a 3-member etcd 3.4.23 cluster on loopback started by
+`tests/cluster.py` with the flags we recommend (`{flags}`), and gateway Envoys built by
+`tests/cluster.py` (the filter with `etcd.poll_ms` {c['poll_ms']} and the other `etcd` fields
+at their defaults; the `etcd` Envoy cluster lists the three members, with active health checks
+on `/health` every 0.5 s). Tokens come from `tests/bench/token_server.js` (HS256, a
+{hp}-byte `header.payload`, each living {c['lifetime']} s) behind the gateways' token route:
+the IdP would be the bottleneck. All of it shares the machine's 2 cores (the measuring gateway
+on CPU 0, h2load and the token server on CPU 1, etcd unpinned, its data on the local disk), so
+the rates are this machine's, not a production cluster's; the byte counts do not depend on it.
+
+### Requests into etcd from idle gateways
+
+Three gateways, no traffic, {w2['seconds']:.0f} s per row. The filter's calls are counted by
+each gateway (`cluster.etcd.upstream_rq_total`) and by etcd (`grpc_server_handled_total`: its
+JSON gateway's calls); Envoy's health checks by the gateways
+(`cluster.etcd.health_check.attempt`) and by etcd (`etcd_server_health_success`); raft
+proposals by `etcd_server_proposals_committed_total`.
+
+{tables['idle']}
+
+The filter runs one revocation poller per Envoy process: its idle load is one range read per
+gateway per `poll_ms`, the same with 2 or 4 workers. Before, every worker polled: 3 gateways x
+2 workers at `poll_ms` 500 made 12 reads/s (the design's arithmetic, not a measurement; 24 with
+4 workers). The larger idle load is now the health checks of the `etcd` cluster: every gateway
+checks every member every 0.5 s (gateways x members x 2 a second, {hc:.0f}/s here), and etcd
+3.4 answers `/health` with a quorum read that goes through raft (a `QGET` proposal), so each
+check is a raft round and a WAL fsync on every member: the raft proposals of an idle cluster
+are the health checks. They grow with gateways x members / interval.
+
+### Size and writes per token
+
+{cost['tokens_in_etcd']:,} tokens issued through one gateway (`--concurrency 1`) with the
+write-through; sizes from `/v3/maintenance/status` on each member (the largest shown), the
+keys by a paged range, the leases by `/v3/lease/leases`, WAL and proposals from `/metrics`.
+Then the tokens' end of life as etcd runs it at expiry (their leases revoked, which deletes
+their keys), a compaction and a defragmentation, measured after each. Per token = (state -
+empty) / tokens.
+
+{tables['size']}
+
+{tables['write']}
+
+`dbSize` is the database's allocated pages, free ones included, and `dbSizeInUse` the pages
+holding data; the quota (`--quota-backend-bytes`) counts `dbSize`. Compaction frees pages for
+reuse but does not give them back; defragmentation does (one member at a time: it blocks the
+member while it copies the database). A live token costs about {b_live:,.0f} bytes of
+database (its {cost['kv_bytes_per_token']:,.0f} bytes of key and value, plus its revision and
+bbolt's overhead: about `header.payload` + {b_live - hp:,.0f} B), and about {b_hist:,.0f}
+bytes of history from its expiry until the next compaction (its last revision and the
+deletion's tombstone). A revoked token that has not expired leaves the keys counted above
+(its revocation marker, `r/`, and what else the filter writes) until its lease ends. The RSS
+column is the members' resident memory (Go
+heap, garbage not yet collected included, and the mapped database): an upper bound, not a
+steady state.
+
+Every token is one etcd write (a transaction that puts it unless it was revoked: one raft
+proposal). With {cost['issue']['in_flight']} requests in flight issuance ran at
+{cost['issue']['rate']:,}/s, against {cost['issue_no_etcd']['rate']:,}/s without `etcd` on
+the same Envoy: etcd's commit rate, not the filter, bounds issuance ({sweep_text}). Past
+etcd's saturation more requests in flight only add latency, queued at etcd. Once that latency
+passes `per_try_timeout_ms` ({c['per_try_timeout_ms']} ms by default) the filter gives up on
+writes that etcd may still apply (tokens in etcd that no client holds, spare leases) and
+answers `503`: keep etcd's commit latency well under it and watch `etcd.failures`.
+
+### Latency and throughput with etcd
+
+Two gateways (`--concurrency 1`, pinned to CPU 0, h2load on CPU 1). The first call of a token
+on a gateway that never saw it reads it from the cluster (sequential, right after its issuance
+on the other gateway). Hits: {c['hit_rounds']} rounds of {c['hit_requests']:,} requests over 16
+HTTP/2 connections, alternating between the gateway's listener with the `etcd` block and a
+listener of the same Envoy with the same settings without it (both have `revocation_paths`, so
+both read the revocation epoch on every hit; compare with the "revocation on" row of the
+single-Envoy table). Command (token elided): `{c['hits']['command']}`.
+
+{tables['latency']}
+
+### Sizing rule for etcd (1,000,000 live tokens)
+
+Assumptions: tokens living {lifetime // 60} minutes, so {rate:,.0f} issued a second keep
+1,000,000 alive; a {hp}-byte `header.payload`; 1 % of the tokens revoked before they expire;
+{replicas} gateways x {workers} workers; `lease_bucket_seconds` {bucket}; periodic compaction
+with a retention of {retention_s // 60} minutes. Per-token figures from this run.
+
+- **Live data**: 1,000,000 x {b_live:,.0f} B = **{live_bytes / 2**20:,.0f} MiB** (for
+  another size, `header.payload` + {b_live - hp:,.0f} B a token).
+- **Compaction**: `--auto-compaction-mode periodic --auto-compaction-retention
+  {retention_s // 60}m` compacts every {retention_s // 60} minutes to the revision of
+  {retention_s // 60} minutes before, so up to {window // 60} minutes of expiries wait for it:
+  {rate:,.0f}/s x {window:,} s x {b_hist:,.0f} B = **{hist_bytes / 2**20:,.0f} MiB** of
+  history. The filter reads only current keys (no watches, no reads at a revision), so a short
+  retention costs it nothing; without compaction the database grows by {b_hist:,.0f} B for
+  every token ever issued until the quota stops all writes.
+- **Revocations**: {revoked:,} revoked, unexpired tokens x {b_rev:,.0f} B =
+  {revoked * b_rev / 2**20:,.0f} MiB.
+- **Quota**: peak in use {peak / 2**20:,.0f} MiB, about {per_token_peak:,.0f} B per live
+  token. Set `--quota-backend-bytes` to at least twice the peak, **{quota / 2**30:,.1f} GiB**:
+  `dbSize` keeps its high-water mark between defragmentations, and a wave of re-issuance (every
+  client at once after an outage) briefly adds live tokens. etcd's default 2 GiB (written out
+  in our flags) holds about {2**31 / 2 / per_token_peak / 1e6:,.1f} million live tokens of this
+  size at that margin; stay under 8 GiB, etcd's suggested maximum. Past the quota etcd raises
+  `NOSPACE` and refuses every write: issuance and revocation get `503` on every gateway until
+  an operator compacts, defragments and disarms the alarm. Alert on
+  `etcd_mvcc_db_total_size_in_bytes` well before it.
+- **Memory**: each member's RSS grew at most {cost['rss_per_token']:,.0f} B per token here:
+  plan about {live_tokens * cost['rss_per_token'] / 2**30:,.1f} GiB per member at 1,000,000.
+- **Leases**: one per worker per expiry bucket, whatever the token count: {replicas} x
+  {workers} x ({lifetime} / {bucket} + 1) = **{leases_live} live leases**, each holding about
+  {keys_per_lease:,.0f} tokens, and {replicas * workers} grants a minute; each lease's expiry
+  deletes its tokens in one raft entry. Spares come on top: when a bucket starts, every request
+  in flight on a worker before its first grant answers grants one of its own
+  ({cost['lease_grants']:,} grants for {cost['tokens_in_etcd']:,} tokens here, with
+  {cost['issue']['in_flight']} in flight); they expire with the bucket. A wider bucket means fewer leases, and keys that
+  outlive their token by up to its width ({rate:,.0f}/s x {bucket} s x {b_live:,.0f} B =
+  {rate * bucket * b_live / 2**20:,.0f} MiB at most with {bucket} s).
+- **Write and CPU load**: {rate:,.0f} token writes a second (one raft proposal each,
+  {cost['wal_bytes_per_token_per_member']:,.0f} B of WAL per token on every member:
+  {rate * cost['wal_bytes_per_token_per_member'] / 2**10:,.0f} KiB/s), about
+  {rate * cost['etcd_cpu_us_per_token'] / 1e6:.2f} cores for the three members together at
+  this machine's {cost['etcd_cpu_us_per_token']:,} us per token, plus the health checks'
+  gateways x members x 2 proposals a second.
+"""
+
+
+def _seconds(text: str) -> int:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return int(float(text[:-1]) * units[text[-1]]) if text[-1] in units else int(float(text) * 3600)
+
+
+def main(throughput_path: str, scale_path: str, replicas_path: str | None = None,
+         cluster_path: str | None = None) -> int:
     t = json.loads(Path(throughput_path).read_text())
     s = json.loads(Path(scale_path).read_text())
     points, churn = s["points"], s["churn"]
@@ -150,7 +311,7 @@ about **{per_token:,.0f} bytes per live token** for a {big['header_payload_bytes
 `header.payload` (in general: `header.payload` + 42 bytes of entry + allocator rounding), plus
 about 120 bytes per slot created at start: P = 1,000,000 tokens of this size need
 `store_slots: 524288` and about {(1_000_000 * per_token + 524288 * 120) / 2**20:,.0f} MiB.
-{replicas_section(replicas_path)}"""
+{replicas_section(replicas_path)}{cluster_section(cluster_path)}"""
     (DOCS / "benchmarks.md").write_text(doc)
     print(f"wrote docs/benchmarks.md, docs/bench-throughput.svg, docs/bench-churn.svg")
     return 0
