@@ -9,6 +9,8 @@ export CARGO_TARGET_DIR := absolute_path(env("CARGO_TARGET_DIR", "target"))
 # The shipped module: cargo's release .wasm after wasm-opt (tests/wasm-opt.sh).
 cargo_wasm := CARGO_TARGET_DIR / "wasm32-wasip1/release/split_token_filter.wasm"
 wasm := CARGO_TARGET_DIR / "dist/split_token_filter.wasm"
+# The native build (issue 15): an Envoy dynamic module, found through ENVOY_DYNAMIC_MODULES_SEARCH_PATH
+native := CARGO_TARGET_DIR / "native/libsplit_token_native.so"
 # The shipped module's size limit: it must fit a Kubernetes ConfigMap (1 MiB, binaryData base64)
 max_wasm_bytes := "786000"
 
@@ -40,6 +42,11 @@ build-noop: toolchain
     cargo build --release --target wasm32-wasip1 -p split-token-bench-noop
     tests/wasm-opt.sh {{CARGO_TARGET_DIR}}/wasm32-wasip1/release/split_token_bench_noop.wasm {{CARGO_TARGET_DIR}}/dist/split_token_bench_noop.wasm
 
+# Build the native dynamic module (libsplit_token_native.so, for the pinned Envoy 1.40.0 only): cargo's `native` profile (release, panics unwind to each hook's guard)
+build-native: toolchain
+    cargo build --profile native -p split-token-native
+    @ls -l {{native}} | awk '{print "built " $9 " (" $5 " bytes)"}'
+
 # The .wasm with fault injection, for the VM-failure tests only: never ship it
 build-fault: toolchain
     cargo build --profile fault --target wasm32-wasip1 -p split-token-filter --features fault-injection
@@ -49,7 +56,7 @@ demo: deps build
     {{venv}}/bin/python tests/stack.py demo
 
 # Formatting, clippy (native and wasm), `envoy --mode validate` on every shipped config, the Kubernetes manifests against their CRD schemas
-lint: deps build
+lint: deps build build-native
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip1 -p split-token-filter -- -D warnings

@@ -36,6 +36,18 @@ WASM = TARGET_DIR / "dist" / "split_token_filter.wasm"
 CARGO_WASM = TARGET_DIR / "wasm32-wasip1" / "release" / "split_token_filter.wasm"
 FAULT_WASM = TARGET_DIR / "wasm32-wasip1" / "fault" / "split_token_filter.wasm"
 DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
+# The native build (issue 15): cargo's `native` profile output, an Envoy dynamic module found
+# through ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
+NATIVE_DIR = TARGET_DIR / "native"
+NATIVE_MODULE = NATIVE_DIR / "libsplit_token_native.so"
+DYNAMIC_MODULE_FILTER_TYPE = (
+    "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter")
+# Which build of the filter Envoy runs: the .wasm (`wasm`, the default) or the dynamic module
+# (`native`). Configs are written for the wasm build and, under `native`, rewritten by
+# `apply_shape` into the same filter with the same JSON as a dynamic module.
+# `pytest --host` (or SPLIT_TOKEN_HOST) picks one.
+HOSTS = ("wasm", "native")
+HOST = os.environ.get("SPLIT_TOKEN_HOST", "wasm")
 
 WASM_FILTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
 # The Envoy filter config the tests and benchmarks write, as each way of deploying the filter
@@ -283,8 +295,37 @@ def shaped_settings(value: str) -> str:
     return '{"allow_on_headers_stop_iteration": true' + ("" if rest.startswith("}") else ", ") + rest
 
 
+def stat_name(name: str) -> str:
+    """The Envoy stat of a split-token counter (`lookup_hit`) under the current host."""
+    prefix = "dynamicmodulescustom" if HOST == "native" else "wasmcustom"
+    return f"{prefix}.split_token.{name}"
+
+
+def native_http_filter(http_filter: dict) -> dict:
+    """The same split-token filter as a dynamic module: same name, same JSON. A dynamic module
+    can always hold headers, so the JSON says so as the hand-written (`envoy`) shape does."""
+    plugin = http_filter["typed_config"]["config"]
+    value = plugin["configuration"]["value"]
+    key = "allow_on_headers_stop_iteration"
+    head = value.lstrip()
+    if key not in value and head.startswith("{"):
+        rest = head[1:].lstrip()
+        value = '{"allow_on_headers_stop_iteration": true' + ("" if rest.startswith("}") else ", ") + rest
+    return {
+        **{k: v for k, v in http_filter.items() if k != "typed_config"},
+        "typed_config": {
+            "@type": DYNAMIC_MODULE_FILTER_TYPE,
+            "dynamic_module_config": {"name": "split_token_native", "do_not_close": True},
+            "filter_name": "split-token",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue", "value": value},
+        },
+    }
+
+
 def shape_http_filter(http_filter: dict) -> dict:
-    """The split-token HTTP filter entry as the current shape writes it."""
+    """The split-token HTTP filter entry as the current shape (and host) writes it."""
+    if HOST == "native":
+        return native_http_filter(http_filter)
     plugin = http_filter["typed_config"]["config"]
     configuration = dict(plugin["configuration"], value=shaped_settings(plugin["configuration"]["value"]))
     vm = plugin["vm_config"]
@@ -339,7 +380,7 @@ def apply_shape(config: dict) -> dict:
                     continue
                 hcm["http_filters"] = [shape_http_filter(f) if is_split_token(f) else f
                                        for f in hcm["http_filters"]]
-                if SHAPE != "envoy-gateway":
+                if SHAPE != "envoy-gateway" or HOST == "native":
                     continue
                 for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
                     for route in vhost.get("routes", []):
@@ -459,7 +500,10 @@ class Envoy:
         argv = [str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(concurrency),
                 "-l", log_level, "--base-id", str(free_port()),
                 "--disable-hot-restart"] + (extra_args or [])
-        self.process = Process(name, argv, run_dir / f"{name}.log")
+        env = None
+        if HOST == "native":
+            env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR)}
+        self.process = Process(name, argv, run_dir / f"{name}.log", env=env)
 
     @property
     def url(self) -> str:

@@ -67,14 +67,18 @@ def pytest_addoption(parser):
     parser.addoption("--shape", choices=stack.SHAPES, default=stack.SHAPE,
                      help="the Envoy filter config to test under: hand-written (envoy), or what an "
                           "Istio WasmPlugin or an Envoy Gateway EnvoyExtensionPolicy becomes")
+    parser.addoption("--host", choices=stack.HOSTS, default=stack.HOST,
+                     help="the build of the filter Envoy runs: the .wasm (wasm) or the dynamic "
+                          "module (native, target/native/libsplit_token_native.so)")
 
 
 def pytest_configure(config):
     stack.SHAPE = config.getoption("--shape")
+    stack.HOST = config.getoption("--host")
 
 
 def pytest_report_header(config):
-    return f"split-token filter config shape: {stack.SHAPE}"
+    return f"split-token filter config shape: {stack.SHAPE}, host: {stack.HOST}"
 
 
 @pytest.fixture(scope="session")

@@ -176,7 +176,7 @@ class Gateway:
         return self.envoy.stat("cluster.httpbin.upstream_rq_total")
 
     def counter(self, name: str) -> int:
-        return self.envoy.stat(f"wasmcustom.split_token.{name}")
+        return self.envoy.stat(stack.stat_name(name))
 
     def jwks_client(self) -> jwt.PyJWKClient:
         return jwt.PyJWKClient(f"http://127.0.0.1:{self.idp_port}/jwks")
@@ -206,7 +206,7 @@ class StatDelta:
         return self.after.get(name, 0) - self.before.get(name, 0)
 
     def split_token(self, name: str) -> int:
-        return self[f"wasmcustom.split_token.{name}"]
+        return self[stack.stat_name(name)]
 
 
 def revocations(idp) -> list[dict]:
