@@ -107,7 +107,7 @@ def cluster_section(path: str | None) -> str:
 `tests/cluster.py` with the flags we recommend (`{flags}`), and gateway Envoys built by
 `tests/cluster.py` (the filter with `etcd.poll_ms` {c['poll_ms']} and the other `etcd` fields
 at their defaults; the `etcd` Envoy cluster lists the three members, with active health checks
-on `/health` every 0.5 s). Tokens come from `tests/bench/token_server.js` (HS256, a
+on `/health` every 1 s). Tokens come from `tests/bench/token_server.js` (HS256, a
 {hp}-byte `header.payload`, each living {c['lifetime']} s) behind the gateways' token route:
 the IdP would be the bottleneck. All of it shares the machine's 2 cores (the measuring gateway
 on CPU 0, h2load and the token server on CPU 1, etcd unpinned, its data on the local disk), so
@@ -127,7 +127,7 @@ The filter runs one revocation poller per Envoy process: its idle load is one ra
 gateway per `poll_ms`, the same with 2 or 4 workers. Before, every worker polled: 3 gateways x
 2 workers at `poll_ms` 500 made 12 reads/s (the design's arithmetic, not a measurement; 24 with
 4 workers). The larger idle load is now the health checks of the `etcd` cluster: every gateway
-checks every member every 0.5 s (gateways x members x 2 a second, {hc:.0f}/s here), and etcd
+checks every member every 1 s (gateways x members a second, {hc:.0f}/s here), and etcd
 3.4 answers `/health` with a quorum read that goes through raft (a `QGET` proposal), so each
 check is a raft round and a WAL fsync on every member: the raft proposals of an idle cluster
 are the health checks. They grow with gateways x members / interval.
@@ -222,7 +222,7 @@ with a retention of {retention_s // 60} minutes. Per-token figures from this run
   {rate * cost['wal_bytes_per_token_per_member'] / 2**10:,.0f} KiB/s), about
   {rate * cost['etcd_cpu_us_per_token'] / 1e6:.2f} cores for the three members together at
   this machine's {cost['etcd_cpu_us_per_token']:,} us per token, plus the health checks'
-  gateways x members x 2 proposals a second.
+  gateways x members proposals a second (health checks every 1 s).
 """
 
 
