@@ -486,3 +486,24 @@ def test_every_replica_is_up_and_never_failed(abc, etcd):
         bad = [line for line in gw.envoy.log().splitlines() if BAD_LOG.search(line)]
         assert not bad, f"{name}: {bad[:5]}"
     assert_no_signature_in(etcd)
+
+
+def test_etcd_refuses_a_token_write_once_the_token_is_revoked(etcd):
+    """The filter's token write is a transaction that puts the token only while its `x/` key
+    (written by a revocation) is absent, and it reads success only from an explicit
+    `succeeded: true`: etcd 3.4 leaves a false `succeeded` out of its answer."""
+    b64 = lambda text: base64.b64encode(text.encode()).decode()  # noqa: E731
+    key = f"guard/{uuid.uuid4().hex}"
+
+    def token_write() -> dict:
+        return stack.etcd_call(etcd.port, "/v3/kv/txn", {
+            "compare": [{"key": b64(f"{key}/x"), "target": "VERSION", "result": "EQUAL", "version": "0"}],
+            "success": [{"request_put": {"key": b64(f"{key}/t"), "value": b64("1:hp")}}],
+        })
+
+    assert token_write().get("succeeded") is True
+    stack.etcd_put(etcd.port, f"{key}/x", b"1")
+    stack.etcd_call(etcd.port, "/v3/kv/deleterange", {"key": b64(f"{key}/t")})
+    refused = token_write()
+    assert "succeeded" not in refused or refused["succeeded"] is False, refused
+    assert not stack.etcd_range_prefix(etcd.port, f"{key}/t")

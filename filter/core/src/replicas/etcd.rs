@@ -12,6 +12,9 @@
 //! - `<key_prefix>r/<written, Unix ms, 13 digits>/<hex SHA-256(signature)>` = `<expires_at>`: a
 //!   revocation marker, written in the transaction that deletes the token, under a lease of the
 //!   same kind: it lives as long as the token would have. Markers sort by when they were written.
+//! - `<key_prefix>x/<hex SHA-256(signature)>` = `<expires_at>`, written with the marker: a token
+//!   write is a transaction that puts the token only while this key is absent, so a write that
+//!   commits late (Envoy retried it) cannot bring a revoked token back.
 //!
 //! # Flow
 //! - Issuance writes the token before the client gets it (fail closed: a 503 if etcd fails), so
@@ -351,17 +354,19 @@ pub fn parse_grant(status: Option<&[u8]>, body: &[u8]) -> Result<i64, EtcdError>
         })
 }
 
-/// Whether a put or a transaction took effect.
+/// Whether a transaction (a token write, a revocation) took effect. etcd leaves `succeeded` out
+/// of its JSON when it is false (a token write whose token was revoked: its compare failed), so
+/// only an explicit `true` counts.
 pub fn parse_write(
     call: &'static str,
     status: Option<&[u8]>,
     body: &[u8],
 ) -> Result<(), EtcdError> {
     let write: WriteAnswer = answer(call, status, body)?;
-    if write.succeeded == Some(false) {
+    if write.succeeded != Some(true) {
         return Err(EtcdError::BadAnswer {
             call,
-            reason: "the transaction did not succeed (a token write finds the token revoked)",
+            reason: "etcd did not apply the transaction (a token write: the token was revoked)",
         });
     }
     Ok(())
@@ -767,9 +772,9 @@ pub fn apply_markers<H: SharedData>(
         // Remembered before the removal, so that a read of the token racing it is not kept.
         // Sweeps overlap: a marker remembered lately is not remembered again, but its token is
         // still removed (a read of its slot; a write only when the token is there), in case an
-        // earlier removal failed.
-        let applied = recent.remember(*key, now).and_then(|()| store.remove(key));
-        match applied {
+        // earlier removal failed. A failed remember does not hold the removal back.
+        let remembered = recent.remember(*key, now);
+        match store.remove(key) {
             Ok(true) => removed += 1,
             Ok(false) => {}
             Err(e) => {
@@ -777,6 +782,10 @@ pub fn apply_markers<H: SharedData>(
                 failed = Some(e);
                 break;
             }
+        }
+        if let Err(e) = remembered {
+            failed = Some(e);
+            break;
         }
     }
     // Whatever was removed must leave every cache too, even when a later removal failed: the
@@ -1062,10 +1071,12 @@ mod tests {
             parse_write("put", Some(b"200"), b"not json"),
             Err(EtcdError::BadAnswer { .. })
         ));
-        assert_eq!(
+        // What etcd 3.4 answers when a token write's compare fails (its token was revoked):
+        // no `succeeded` at all.
+        assert!(matches!(
             parse_write("put", Some(b"200"), br#"{"header":{"revision":"2"}}"#),
-            Ok(())
-        );
+            Err(EtcdError::BadAnswer { .. })
+        ));
         assert!(parse_write("txn", Some(b"200"), br#"{"header":{},"succeeded":false}"#).is_err());
         assert_eq!(
             parse_write("txn", Some(b"200"), br#"{"header":{},"succeeded":true}"#),

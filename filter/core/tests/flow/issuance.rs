@@ -191,6 +191,28 @@ fn a_failed_or_timed_out_etcd_write_issues_nothing() {
 }
 
 #[test]
+fn a_token_write_refused_because_the_token_was_revoked_issues_nothing() {
+    // The IdP hands out a JWT that was revoked before (an IdP that caches its tokens): the
+    // write's compare finds the token's `x/` key, and etcd 3.4 answers without `succeeded`.
+    for allow_hold in MODES {
+        let proxy = Proxy::new(&with_mode(config(json!({"etcd": etcd()})), allow_hold));
+        let alice = jwt("alice");
+        let ex = issue_through_etcd(&proxy, &alice, Some(r#"{"header":{"revision":"7"}}"#));
+        assert!(ex.resumed().is_empty());
+        assert_eq!(ex.reply().map(|r| r.status), allow_hold.then_some(503));
+        assert_eq!(ex.host.reset.get(), !allow_hold);
+        assert_eq!(proxy.world.counter(Counter::EtcdPublished), 0);
+        assert_eq!(proxy.world.counter(Counter::EtcdFailures), 1);
+        drop(ex);
+        // Not stored here: the signature is unknown (asked of etcd).
+        let (ex, action) = api(&proxy, &bearer(signature(&alice)));
+        assert_eq!(action, Action::Pause);
+        assert_eq!(proxy.world.take_calls()[0].path, "/v3/kv/range");
+        drop(ex);
+    }
+}
+
+#[test]
 fn a_lost_lease_is_granted_again_once() {
     let proxy = Proxy::new(&with_mode(config(json!({"etcd": etcd()})), true));
     let lost = r#"{"code":5,"message":"etcdserver: requested lease not found"}"#;
