@@ -262,11 +262,9 @@ pub struct EtcdConfig {
     pub timeout_ms: u64,
     /// Timeout of one attempt; a timed-out attempt is retried like a 5xx.
     pub per_try_timeout_ms: u64,
-    /// How many times Envoy retries an attempt that failed (5xx, reset, connect failure, per-try
-    /// timeout), on another member when the cluster has one. Every call is idempotent.
-    pub retries: u32,
-    /// The retry policy of every call, as Envoy request headers (`x-envoy-retry-on`...),
-    /// formatted once.
+    /// The retry policy of every call (`retries`: how many times Envoy retries an attempt that
+    /// failed, on another member when the cluster has one; every call is idempotent), as Envoy
+    /// request headers (`x-envoy-retry-on`...), formatted once.
     pub retry_headers: Vec<(&'static str, String)>,
     /// Shared-data prefix of the revocations applied lately in this process
     /// ([`crate::replicas::etcd::RecentRevocations`]).
@@ -745,7 +743,6 @@ fn etcd_config(raw: RawEtcd, store_prefix: &str) -> Result<EtcdConfig, ConfigErr
         key_prefix: raw.key_prefix.clone(),
         timeout_ms: raw.timeout_ms,
         per_try_timeout_ms,
-        retries: raw.retries,
         retry_headers: retry_headers(raw.retries, per_try_timeout_ms),
         recent_prefix: format!("{store_prefix}etcd-recent/"),
         poller_key: format!("{store_prefix}etcd-poller/{}", raw.key_prefix),

@@ -90,6 +90,53 @@ pub struct EnvoyHeader {
     value_length: usize,
 }
 
+/// The two callout functions of the ABI (a filter's, a config's): the same arguments after the
+/// owner's pointer.
+type CalloutFn = unsafe extern "C" fn(
+    *mut c_void,
+    *mut u64,
+    ModuleBuffer,
+    *mut ModuleHeader,
+    usize,
+    ModuleBuffer,
+    u64,
+) -> u32;
+
+/// Starts a callout with `start` on `owner`; its id, or the ABI's error code.
+///
+/// # Safety
+/// `owner` must be live and of the kind `start` takes (a filter's or a config's pointer).
+unsafe fn start_callout(
+    start: CalloutFn,
+    owner: *mut c_void,
+    cluster: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Result<u64, u32> {
+    let mut headers = module_headers(headers);
+    let mut id = 0u64;
+    let body = body.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
+    // SAFETY: `owner` is live and of `start`'s kind (the caller's promise); `id` is valid for
+    // writes; every buffer outlives the call (Envoy copies the request).
+    let result = unsafe {
+        start(
+            owner,
+            &mut id,
+            ModuleBuffer::of(cluster.as_bytes()),
+            headers.as_mut_ptr(),
+            headers.len(),
+            body,
+            timeout_ms,
+        )
+    };
+    if result == CALLOUT_SUCCESS {
+        Ok(id)
+    } else {
+        Err(result)
+    }
+}
+
 fn module_headers(headers: &[(&str, &str)]) -> Vec<ModuleHeader> {
     headers
         .iter()
@@ -530,26 +577,16 @@ impl FilterEnvoy {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u64, u32> {
-        let mut headers = module_headers(headers);
-        let mut id = 0u64;
-        let body = body.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
-        // SAFETY: live filter pointer; `id` is valid for writes; every buffer outlives the call
-        // (Envoy copies the request).
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_http_callout(
+        // SAFETY: a live filter pointer, for the filter's own callout function.
+        unsafe {
+            start_callout(
+                envoy_dynamic_module_callback_http_filter_http_callout,
                 self.raw(),
-                &mut id,
-                ModuleBuffer::of(cluster.as_bytes()),
-                headers.as_mut_ptr(),
-                headers.len(),
+                cluster,
+                headers,
                 body,
                 timeout_ms,
             )
-        };
-        if result == CALLOUT_SUCCESS {
-            Ok(id)
-        } else {
-            Err(result)
         }
     }
 }
@@ -610,25 +647,16 @@ impl ConfigEnvoy {
         body: Option<&[u8]>,
         timeout_ms: u64,
     ) -> Result<u64, u32> {
-        let mut headers = module_headers(headers);
-        let mut id = 0u64;
-        let body = body.map_or(ModuleBuffer::NULL, ModuleBuffer::of);
-        // SAFETY: live config pointer; `id` valid for writes; buffers outlive the call.
-        let result = unsafe {
-            envoy_dynamic_module_callback_http_filter_config_http_callout(
+        // SAFETY: a live config pointer, for the config's own callout function.
+        unsafe {
+            start_callout(
+                envoy_dynamic_module_callback_http_filter_config_http_callout,
                 self.raw(),
-                &mut id,
-                ModuleBuffer::of(cluster.as_bytes()),
-                headers.as_mut_ptr(),
-                headers.len(),
+                cluster,
+                headers,
                 body,
                 timeout_ms,
             )
-        };
-        if result == CALLOUT_SUCCESS {
-            Ok(id)
-        } else {
-            Err(result)
         }
     }
 
