@@ -304,6 +304,8 @@ pub struct Config {
     pub slot_capacity: u16,
     /// Prefix of every shared-data key (Istio gives all plugins one namespace).
     pub store_prefix: String,
+    /// The store's revocation epoch key ([`crate::store::epoch_key`]), made once.
+    pub epoch_key: String,
     /// `WWW-Authenticate` header value for requests without credentials, precomputed.
     pub challenge: String,
     /// `WWW-Authenticate` header value for invalid tokens, precomputed.
@@ -636,6 +638,7 @@ impl TryFrom<RawConfig> for Config {
             max_ttl_seconds: raw.max_ttl_seconds,
             store_slots: raw.store_slots,
             slot_capacity: raw.slot_capacity,
+            epoch_key: crate::store::epoch_key(&raw.store_prefix),
             store_prefix: raw.store_prefix,
             max_token_response_bytes: raw.max_token_response_bytes,
         })

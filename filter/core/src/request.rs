@@ -4,7 +4,7 @@ use crate::config::{Config, FullJwtPolicy};
 use crate::stats::Counter;
 use crate::store::cache::{Forward, LocalCache};
 use crate::store::{find, Lookup, SharedData, Store, StoreError};
-use crate::token::Signature;
+use crate::token::{Presented, Signature};
 use std::rc::Rc;
 
 /// What the client presented in `Authorization`.
@@ -50,14 +50,11 @@ pub fn parse_authorization(value: Option<&[u8]>) -> Credentials<'_> {
         None if is_scheme(value) => return Credentials::Malformed,
         None => (false, value),
     };
-    let dots = token.iter().filter(|&&b| b == b'.').count();
-    if dots == 2 && token.split(|&b| b == b'.').all(crate::token::is_base64url) {
-        return Credentials::FullJwt;
-    }
-    match Signature::parse(token) {
-        Some(s) if dpop => Credentials::Dpop(s),
-        Some(s) => Credentials::Signature(s),
-        None => Credentials::Malformed,
+    match Presented::of(token) {
+        Presented::FullJwt => Credentials::FullJwt,
+        Presented::Signature(s) if dpop => Credentials::Dpop(s),
+        Presented::Signature(s) => Credentials::Signature(s),
+        Presented::Malformed => Credentials::Malformed,
     }
 }
 

@@ -190,6 +190,26 @@ fn set_length<H: StreamHost>(
     host.set_header(message, "content-length", Some(&length.to_string()))
 }
 
+/// Writes every configured identity header of an API call that goes on, once each: the
+/// verified claim's value where the token has one (`values`: index into `claims_to_headers`,
+/// value), else no header. Envoy's replace drops every value sent under the name before it sets
+/// its own (`setCopy`, since Envoy 1.15.1: CVE-2020-25017), so one call per header is both the
+/// removal of what the client sent and the write of what the token says.
+fn write_identity<H: StreamHost>(
+    h: &H,
+    config: &Config,
+    values: &[(usize, String)],
+) -> Result<(), crate::store::HostStatus> {
+    for (i, mapping) in config.claims_to_headers.iter().enumerate() {
+        let value = values
+            .iter()
+            .find(|(j, _)| *j == i)
+            .map(|(_, value)| value.as_str());
+        h.set_header(Message::Request, &mapping.header, value)?;
+    }
+    Ok(())
+}
+
 /// Whether the response under way is an error Envoy made itself (a local reply with status
 /// 400 or above: no healthy upstream, a direct_response 404...), as opposed to an upstream's
 /// answer or anything the filter cannot tell (unknown details count as the upstream's).
@@ -278,8 +298,8 @@ impl Stream {
         }
     }
 
-    fn route_request<H: StreamHost>(&mut self, h: &H, path: &[u8]) -> Action {
-        match self.config().route(path) {
+    fn route_request<H: StreamHost>(&mut self, h: &H, route: Route) -> Action {
+        match route {
             Route::TokenEndpoint => {
                 // Ask the IdP for an identity-encoded body: the filter cannot split gzip.
                 let _ = h.set_header(Message::Request, "accept-encoding", None);
@@ -495,21 +515,13 @@ impl Stream {
         match verdict {
             Verdict::Forward(forward) => {
                 h.add(Counter::ClaimsUnsafeDropped, forward.unsafe_claims);
-                let mappings = &config.claims_to_headers;
                 let applied = h
                     .set_header(
                         Message::Request,
                         "authorization",
                         forward.authorization.as_deref(),
                     )
-                    .and_then(|()| {
-                        forward.claim_headers.iter().try_for_each(|(i, value)| {
-                            match mappings.get(*i) {
-                                Some(m) => h.set_header(Message::Request, &m.header, Some(value)),
-                                None => Ok(()),
-                            }
-                        })
-                    });
+                    .and_then(|()| write_identity(h, config, &forward.claim_headers));
                 if let Err(status) = applied {
                     // Fail closed: without the rebuilt headers the upstream must not be called.
                     h.log(
@@ -528,7 +540,18 @@ impl Stream {
                 }
                 Action::Continue
             }
-            Verdict::PassThrough => Action::Continue,
+            Verdict::PassThrough => {
+                // A full JWT goes on as the client sent it, without any identity header.
+                if let Err(status) = write_identity(h, config, &[]) {
+                    h.log(
+                        Level::Error,
+                        &format!("cannot rebuild the request: {status}"),
+                    );
+                    send(h, &Rejection::StoreUnavailable.reply(config));
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
             Verdict::Reject(rejection) => {
                 send(h, &rejection.reply(config));
                 Action::Pause
@@ -1029,14 +1052,18 @@ impl Stream {
     }
 
     pub fn on_request_headers<H: StreamHost>(&mut self, h: &H, end_of_stream: bool) -> Action {
-        // Identity headers come from verified claims only: whatever a client sent under those
-        // names is removed first, on every path and in every outcome. Envoy matches header names
-        // case-insensitively and removes every instance.
-        for mapping in &self.shared.config.claims_to_headers {
-            let _ = h.set_header(Message::Request, &mapping.header, None);
-        }
         let path = h.header(Message::Request, ":path").unwrap_or_default();
-        let mut action = self.route_request(h, &path);
+        let route = self.config().route(&path);
+        // Identity headers come from verified claims only: whatever a client sent under those
+        // names never reaches an upstream. An API call writes each of them once it is decided
+        // (`write_identity`); every other request has them removed here, first. Envoy matches
+        // header names case-insensitively and removes every instance.
+        if !matches!(route, Route::Protected | Route::Logout) {
+            for mapping in &self.shared.config.claims_to_headers {
+                let _ = h.set_header(Message::Request, &mapping.header, None);
+            }
+        }
+        let mut action = self.route_request(h, route);
         if matches!(self.state, State::Revocation | State::Introspection) && end_of_stream {
             action = self.finish_request_body(h, 0);
         }

@@ -112,6 +112,7 @@ pub(crate) fn store<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H
         config.store_slots,
         config.slot_capacity,
     )
+    .with_epoch_key(&config.epoch_key)
 }
 
 impl Worker {
@@ -139,10 +140,12 @@ impl Worker {
         host.define_counters();
         let cache = LocalCache::new(config.local_cache_entries);
         // Create every slot now, so that no token is ever written to a missing key (Envoy's CAS
-        // cannot guard key creation). Idempotent across VMs and reloads.
+        // cannot guard key creation). Idempotent across VMs and reloads. The epoch bump empties
+        // its key (earlier versions kept a counter there) and costs caches nothing: they are
+        // empty at configuration.
         let store = store(host, &config);
         match store.initialize().and_then(|created| {
-            store.seed_epoch(host.now().as_nanos() as u64)?;
+            store.bump_epoch()?;
             Ok(created)
         }) {
             Ok(0) => {}

@@ -608,7 +608,7 @@ mod tests {
         let c = config();
         let host = MemoryData::default();
         let store = store_of(&c, &host);
-        store.seed_epoch(7).unwrap();
+        store.bump_epoch().unwrap();
         let before = store.epoch().unwrap();
         // Another worker bumps between this read and this write.
         host.before_set

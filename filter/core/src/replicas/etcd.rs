@@ -1204,7 +1204,7 @@ mod tests {
     /// A store with an epoch and two tokens, sig-a and sig-b: their keys.
     fn two_tokens(store: &Store<'_, MemoryData>) -> (StoreKey, StoreKey) {
         store.initialize().unwrap();
-        store.seed_epoch(1).unwrap();
+        store.bump_epoch().unwrap();
         store_token(store, "sig-a", HP.as_bytes(), 100);
         store_token(store, "sig-b", HP.as_bytes(), 100);
         let key = |s: &[u8]| Signature::parse(s).unwrap().store_key();

@@ -23,6 +23,7 @@
 pub mod cache;
 
 use crate::token::StoreKey;
+use std::borrow::Cow;
 use std::fmt;
 
 const VERSION: u8 = 1;
@@ -284,11 +285,6 @@ pub fn without(slot: &[u8], key: &StoreKey) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// An epoch value: 8 bytes big-endian; anything else (a fresh key) is epoch 0.
-fn decode_epoch(value: &[u8]) -> u64 {
-    <[u8; 8]>::try_from(value).map_or(0, u64::from_be_bytes)
-}
-
 /// Totals of a successful write, for the stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PutReport {
@@ -305,6 +301,14 @@ pub struct Store<'a, H: SharedData> {
     prefix: &'a str,
     slots: u32,
     capacity: u16,
+    /// The revocation epoch's key, when the caller made it once ([`epoch_key`]).
+    epoch_key: Option<&'a str>,
+}
+
+/// The shared-data key of the revocation epoch of the store under `prefix`. Not a hex slot
+/// number, so it never collides with a slot key.
+pub fn epoch_key(prefix: &str) -> String {
+    format!("{prefix}revocations")
 }
 
 impl<'a, H: SharedData> Store<'a, H> {
@@ -314,6 +318,16 @@ impl<'a, H: SharedData> Store<'a, H> {
             prefix,
             slots,
             capacity,
+            epoch_key: None,
+        }
+    }
+
+    /// The same store, with its epoch key made once (`epoch_key(prefix)`) rather than on each
+    /// epoch read: the hot path reads the epoch on every hit.
+    pub fn with_epoch_key(self, key: &'a str) -> Self {
+        Self {
+            epoch_key: Some(key),
+            ..self
         }
     }
 
@@ -357,26 +371,6 @@ impl<'a, H: SharedData> Store<'a, H> {
             }
         }
         Ok(created)
-    }
-
-    /// Creates the revocation epoch key if it is missing, starting at `seed`. Give a value no
-    /// earlier creation used (the clock in nanoseconds): Envoy's CAS cannot guard a creation,
-    /// so a late creation may overwrite a bump, and a fresh seed still reads as a change to
-    /// every cache instead of setting the epoch back to a value a cache already saw.
-    pub fn seed_epoch(&self, seed: u64) -> Result<(), StoreError> {
-        let key = self.epoch_key();
-        if self.get(&key)?.1.is_none() {
-            match self.host.set(&key, &seed.to_be_bytes(), None) {
-                Ok(()) | Err(SetError::CasMismatch) => {}
-                Err(SetError::Host(HostStatus(status))) => {
-                    return Err(StoreError::Host {
-                        operation: "set",
-                        status,
-                    })
-                }
-            }
-        }
-        Ok(())
     }
 
     fn create_empty(&self, slot_key: &str) -> Result<(), StoreError> {
@@ -428,21 +422,23 @@ impl<'a, H: SharedData> Store<'a, H> {
 
     /// The revocation epoch: it changes whenever a token is revoked on any worker, which tells
     /// every worker to forget what it cached.
+    ///
+    /// It is the CAS of a key whose value stays empty: the host moves a key's CAS on every write,
+    /// and hands an empty value back without calling into the VM to allocate it (a proxy-wasm
+    /// host calls the module's allocator for every non-empty value it returns; that call is most
+    /// of what a shared-data read costs). 0 until the first bump. Envoy's CAS is one counter for
+    /// all keys of the process, so a cache could miss a change only if the counter came back
+    /// round (2^32 writes) to exactly the value it saw.
     pub fn epoch(&self) -> Result<u64, StoreError> {
-        let (value, _) = self.get(&self.epoch_key())?;
-        Ok(decode_epoch(&value))
+        let (_, cas) = self.get(&self.epoch_key())?;
+        Ok(cas.map_or(0, u64::from))
     }
 
-    /// Moves the revocation epoch on, after a revocation or an eviction.
-    ///
-    /// One compare-and-swap, no retry: a mismatch means another worker moved the epoch after
-    /// this read, which came after the caller's change to the store, so every cache that syncs
-    /// later sees a new value either way. Only a host failure is an error.
+    /// Moves the revocation epoch on, after a revocation or an eviction: one blind write of the
+    /// empty value, which gives the key a new CAS. Every cache that syncs after it sees a
+    /// change. Only a host failure is an error.
     pub fn bump_epoch(&self) -> Result<(), StoreError> {
-        let key = self.epoch_key();
-        let (current, cas) = self.get(&key)?;
-        let next = decode_epoch(&current).wrapping_add(1);
-        match self.host.set(&key, &next.to_be_bytes(), cas) {
+        match self.host.set(&self.epoch_key(), &[], None) {
             Ok(()) | Err(SetError::CasMismatch) => Ok(()),
             Err(SetError::Host(HostStatus(status))) => Err(StoreError::Host {
                 operation: "set",
@@ -451,9 +447,11 @@ impl<'a, H: SharedData> Store<'a, H> {
         }
     }
 
-    fn epoch_key(&self) -> String {
-        // Not a hex slot number, so it never collides with a slot key.
-        format!("{}revocations", self.prefix)
+    fn epoch_key(&self) -> Cow<'a, str> {
+        match self.epoch_key {
+            Some(key) => Cow::Borrowed(key),
+            None => Cow::Owned(epoch_key(self.prefix)),
+        }
     }
 
     /// Read, change, compare-and-swap, retried on a mismatch. `change` returns the new value

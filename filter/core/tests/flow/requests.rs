@@ -31,8 +31,9 @@ fn a_hit_forwards_the_rebuilt_jwt_and_claims() {
 }
 
 #[test]
-fn unknown_and_missing_tokens_are_refused_and_client_identity_removed() {
+fn unknown_and_missing_tokens_are_refused_locally() {
     let proxy = Proxy::new(&config(json!({})));
+    // (The client's x-user-id stays on a request that is answered here: it reaches no upstream.)
     let (ex, action) = api(&proxy, "Bearer nope");
     assert_eq!(action, Action::Pause);
     let reply = ex.reply().unwrap();
@@ -42,7 +43,6 @@ fn unknown_and_missing_tokens_are_refused_and_client_identity_removed() {
         .unwrap()
         .contains("invalid_token"));
     assert_eq!(reply.header("content-type"), Some("application/json"));
-    assert_eq!(ex.host.request_header_text("x-user-id"), None);
     let mut ex = proxy.exchange();
     ex.request_headers(&[(":method", "GET"), (":path", "/api")], true);
     assert_eq!(ex.reply().unwrap().status, 401);
@@ -123,4 +123,52 @@ fn lookups_under_way_are_bounded_per_worker_and_released_when_the_request_goes()
     assert!(third.reply().is_none(), "the slot was released");
     assert_eq!(replica.world.take_calls().len(), 2);
     drop(Rc::clone(&replica.world));
+}
+
+/// Every request that goes on carries, under each identity header name, the token's verified
+/// value or nothing: whatever the client sent there (once or twice) is gone, also
+/// when the token lacks the claim and when a full JWT passes through.
+#[test]
+fn client_identity_headers_never_go_on() {
+    let mappings = json!([
+        {"claim": "sub", "header": "x-user-id"},
+        {"claim": "email", "header": "x-user-email"},
+    ]);
+    let proxy = Proxy::new(&config(
+        json!({"claims_to_headers": mappings, "full_jwt": "allow"}),
+    ));
+    let jwt = jwt("alice");
+    let token = issue(&proxy, &jwt);
+    let spoofed = |authorization: &str| {
+        let mut ex = proxy.exchange();
+        let headers = [
+            (":method", "GET"),
+            (":path", "/api/get"),
+            ("authorization", authorization),
+            ("x-user-id", "mallory"),
+            ("x-user-id", "mallory-again"),
+            ("x-user-email", "mallory@example.com"),
+        ];
+        let action = ex.request_headers(&headers, true);
+        (ex, action)
+    };
+    for _ in 0..2 {
+        // A store hit, then a cache hit.
+        let (ex, action) = spoofed(&bearer(&token));
+        assert_eq!(action, Action::Continue);
+        assert_eq!(
+            ex.host.request_values("x-user-id"),
+            vec!["alice".to_owned()]
+        );
+        assert_eq!(
+            ex.host.request_values("x-user-email"),
+            Vec::<String>::new(),
+            "the token has no email claim"
+        );
+    }
+    let (ex, action) = spoofed(&bearer(&jwt));
+    assert_eq!(action, Action::Continue, "a full JWT passes through");
+    assert_eq!(ex.host.request_values("x-user-id"), Vec::<String>::new());
+    assert_eq!(ex.host.request_values("x-user-email"), Vec::<String>::new());
+    assert_eq!(proxy.world.counter(Counter::FullJwtForwarded), 1);
 }

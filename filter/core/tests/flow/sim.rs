@@ -290,6 +290,16 @@ impl Ex {
         true
     }
 
+    /// Every value of a request header, matched case-insensitively as Envoy does.
+    pub fn request_values(&self, name: &str) -> Vec<String> {
+        self.request_headers
+            .borrow()
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+            .collect()
+    }
+
     pub fn request_header_text(&self, name: &str) -> Option<String> {
         self.request_headers
             .borrow()
@@ -385,7 +395,8 @@ impl StreamHost for Ex {
             return Err(HostStatus(1));
         }
         let mut headers = self.headers(message).borrow_mut();
-        headers.retain(|(n, _)| n != name);
+        // Envoy's header map keys are lower case; a write replaces every value of the name.
+        headers.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
         if let Some(value) = value {
             headers.push((name.to_owned(), value.as_bytes().to_vec()));
         }
