@@ -55,13 +55,14 @@ build-fault: toolchain
 demo: deps build
     {{venv}}/bin/python tests/stack.py demo
 
-# Formatting, clippy (native and wasm), `envoy --mode validate` on every shipped config, the Kubernetes manifests against their CRD schemas
+# Formatting, clippy (native and wasm), `envoy --mode validate` on every shipped config, the Kubernetes manifests against their CRD schemas, the docker-compose files
 lint: deps build build-native
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets -- -D warnings
     cargo clippy --target wasm32-wasip1 -p split-token-filter -- -D warnings
     tests/validate-configs.sh {{envoy}}
     {{venv}}/bin/python tests/manifests/check.py --require-schemas
+    {{venv}}/bin/python tests/compose/check.py
 
 # Unit tests of the host-free core (plain cargo test)
 unit: toolchain

@@ -62,6 +62,9 @@ SHAPE = os.environ.get("SPLIT_TOKEN_SHAPE", "envoy")
 # Envoy Gateway names the filter per policy, adds it disabled and enables it on each route the
 # policy is attached to (here: every route, as a policy attached to the Gateway).
 EG_FILTER_NAME = "envoy.filters.http.wasm/envoyextensionpolicy/default/split-token/wasm/0"
+# The same for a policy's dynamicModule[0] (the native build; Envoy Gateway >= v1.8).
+EG_NATIVE_FILTER_NAME = ("envoy.filters.http.dynamic_modules/envoyextensionpolicy/default/"
+                         "split-token/dynamic-module/0")
 
 
 # Ports this process has handed out. A port picked free is let go before its user binds it, so
@@ -303,7 +306,12 @@ def stat_name(name: str) -> str:
 
 def native_http_filter(http_filter: dict) -> dict:
     """The same split-token filter as a dynamic module: same name, same JSON. A dynamic module
-    can always hold headers, so the JSON says so as the hand-written (`envoy`) shape does."""
+    can always hold headers, so the JSON says so as the hand-written (`envoy`) shape does, and
+    as envoy/gateway/native/envoyextensionpolicy.yaml does. Under `envoy-gateway`: exactly what
+    Envoy Gateway builds from that policy and its EnvoyProxy's dynamicModules entry
+    (internal/xds/translator/dynamicmodule.go): its filter name, added disabled (apply_shape
+    enables it per route), the module by absolute path, do_not_close, filter_name, and the
+    config as the API server hands it over (compact JSON, keys sorted)."""
     plugin = http_filter["typed_config"]["config"]
     value = plugin["configuration"]["value"]
     key = "allow_on_headers_stop_iteration"
@@ -311,6 +319,19 @@ def native_http_filter(http_filter: dict) -> dict:
     if key not in value and head.startswith("{"):
         rest = head[1:].lstrip()
         value = '{"allow_on_headers_stop_iteration": true' + ("" if rest.startswith("}") else ", ") + rest
+    if SHAPE == "envoy-gateway":
+        try:  # the API server holds only valid JSON; a test's broken text stays as it is
+            value = json.dumps(json.loads(value), separators=(",", ":"), sort_keys=True)
+        except json.JSONDecodeError:
+            pass
+        return {"name": EG_NATIVE_FILTER_NAME, "disabled": True, "typed_config": {
+            "@type": DYNAMIC_MODULE_FILTER_TYPE,
+            "dynamic_module_config": {"module": {"local": {"filename": str(NATIVE_MODULE)}},
+                                      "do_not_close": True},
+            "filter_name": "split-token",
+            "filter_config": {"@type": "type.googleapis.com/google.protobuf.StringValue",
+                              "value": value},
+        }}
     return {
         **{k: v for k, v in http_filter.items() if k != "typed_config"},
         "typed_config": {
@@ -380,11 +401,12 @@ def apply_shape(config: dict) -> dict:
                     continue
                 hcm["http_filters"] = [shape_http_filter(f) if is_split_token(f) else f
                                        for f in hcm["http_filters"]]
-                if SHAPE != "envoy-gateway" or HOST == "native":
+                if SHAPE != "envoy-gateway":
                     continue
+                name = EG_NATIVE_FILTER_NAME if HOST == "native" else EG_FILTER_NAME
                 for vhost in hcm.get("route_config", {}).get("virtual_hosts", []):
                     for route in vhost.get("routes", []):
-                        route.setdefault("typed_per_filter_config", {})[EG_FILTER_NAME] = {
+                        route.setdefault("typed_per_filter_config", {})[name] = {
                             "@type": "type.googleapis.com/envoy.config.route.v3.FilterConfig",
                             "config": {}}  # an empty Any: enabled, no per-route config
     return config

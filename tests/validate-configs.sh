@@ -24,19 +24,20 @@ for config in envoy/envoy.yaml envoy/compose/envoy.yaml envoy/examples/*.yaml; d
     exit 1
   fi
 done
-# The native build's config (issue 15): Envoy loads libsplit_token_native.so from the search
-# path and runs its config hook, so a bad filter configuration fails here too. Built by
-# `just build-native`; skipped (said so) when it is not.
+# The native build's configs (issue 15): Envoy loads libsplit_token_native.so from the search
+# path and runs its config hook, so a bad filter configuration fails here too. Configs meant for
+# containers name the module by its name only, as the demo does: the local build is on the search
+# path here. Built by `just build-native`; skipped (said so) when it is not.
 native_dir="$(cd "$root" && realpath -m "${CARGO_TARGET_DIR:-target}")/native"
-if [ -f "$native_dir/libsplit_token_native.so" ]; then
-  if ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$native_dir" "$envoy" --mode validate \
-      -c envoy/native/envoy.yaml -l error > "$tmp/out" 2>&1; then
-    echo "validate: envoy/native/envoy.yaml OK"
+for config in envoy/native/envoy.yaml envoy/compose-native/envoy.yaml; do
+  if [ ! -f "$native_dir/libsplit_token_native.so" ]; then
+    echo "validate: $config skipped ($native_dir/libsplit_token_native.so not built)"
+  elif ENVOY_DYNAMIC_MODULES_SEARCH_PATH="$native_dir" "$envoy" --mode validate \
+      -c "$config" -l error > "$tmp/out" 2>&1; then
+    echo "validate: $config OK"
   else
     cat "$tmp/out" >&2
-    echo "validate: envoy/native/envoy.yaml FAILED" >&2
+    echo "validate: $config FAILED" >&2
     exit 1
   fi
-else
-  echo "validate: envoy/native/envoy.yaml skipped ($native_dir/libsplit_token_native.so not built)"
-fi
+done

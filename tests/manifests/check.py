@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Checks the Kubernetes manifests under envoy/istio/ and envoy/gateway/, and the split-token
-configuration inside them.
+"""Checks the Kubernetes manifests under envoy/istio/, envoy/gateway/ and envoy/gateway/native/,
+and the split-token configuration inside them.
 
     .deps/venv/bin/python tests/manifests/check.py [--require-schemas] [--schemas-only] [PATH ...]
 
-PATH (files or directories, default envoy/istio envoy/gateway) are read as multi-document YAML.
+PATH (files or directories, default envoy/istio envoy/gateway envoy/gateway/native) are read as
+multi-document YAML.
 
 1. Every document against its kind's schema, from the npm packages pinned in
    tests/manifests/package-lock.json and installed into .deps/manifests/ by tests/deps.sh:
@@ -22,16 +23,31 @@ PATH (files or directories, default envoy/istio envoy/gateway) are read as multi
    A document whose kind no package covers is reported loudly as NOT CHECKED. A strategic
    merge patch (no apiVersion/kind) listed in PATCHES is checked as a partial object of its
    target kind. CEL rules (x-kubernetes-validations) are not evaluated.
+   Envoy Gateway v1.8 fields the packages do not have (dynamic modules: EnvoyProxy
+   spec.dynamicModules, EnvoyExtensionPolicy spec.dynamicModule, and v1.8's filterOrder values)
+   are checked against envoy-gateway-v1.8.schema.json beside this file, written from Envoy
+   Gateway's v1.8 API (types, bounds, patterns, enums, unknown fields, and the CEL rules of a
+   module's source). A document that uses a v1.8-only field has those fields checked there
+   only, and the rest against the package; every other document keeps the package's check of
+   everything, and its filterOrder is checked against v1.8 too.
 2. Every split-token filter configuration (WasmPlugin spec.pluginConfig, EnvoyExtensionPolicy
-   spec.wasm[].config, EnvoyFilter configuration.value) by the filter's own parser: a minimal
-   Envoy config with the built .wasm, the Envoy Wasm filter set up as that control plane sets
-   it up (Istio: empty vm_id and failure_policy from failStrategy; Envoy Gateway: its vm_id
-   and fail_open; EnvoyFilter: its own PluginConfig), and clusters named as the configuration's
+   spec.wasm[].config and spec.dynamicModule[].config, EnvoyFilter configuration.value) by the
+   filter's own parser: a minimal Envoy config with the built .wasm, the Envoy Wasm filter set
+   up as that control plane sets it up (Istio: empty vm_id and failure_policy from
+   failStrategy; Envoy Gateway: its vm_id and fail_open; EnvoyFilter: its own PluginConfig), or
+   with the built libsplit_token_native.so in the dynamic-module filter that Envoy Gateway
+   builds from the policy's entry and the EnvoyProxy's dynamicModules entry it names (the
+   module path or URL replaced by the local build), and clusters named as the configuration's
    verify.jwks_cluster and etcd.cluster (a cluster that an EnvoyPatchPolicy among the checked
    manifests adds is used as written, its TLS files replaced by a throwaway certificate; the
    others are static stand-ins),
-   run through `envoy --mode validate`, which loads the .wasm and runs its on_configure.
+   run through `envoy --mode validate`, which loads the module and runs its configuration hook.
+3. Variants: envoy/gateway/native/ replaces envoy/gateway/'s EnvoyProxy and
+   EnvoyExtensionPolicy and keeps the rest; a resource that both define (the Gateway, its
+   ClientTrafficPolicy) must be the same in both.
 
+A policy's Gateway and EnvoyProxy are looked up in its own directory first, then in the
+directories above it (envoy/gateway/native/ uses envoy/gateway/'s routes and etcd cluster).
 One line per document and per configuration, then `check: N passed, N failed`.
 """
 
@@ -56,7 +72,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DEPS = ROOT / ".deps" / "manifests"
 NODE_MODULES = DEPS / "node_modules"
-DEFAULT_PATHS = ["envoy/istio", "envoy/gateway"]
+DEFAULT_PATHS = ["envoy/istio", "envoy/gateway", "envoy/gateway/native"]
 ENVOY = ROOT / ".deps" / "venv" / "bin" / "envoy"
 
 # Model packages by API group. Anything else is looked up in kubernetes-models.
@@ -65,6 +81,8 @@ PACKAGES = {
     "gateway.envoyproxy.io": "@kubernetes-models/envoy-gateway",
 }
 ISTIO_PACKAGE = "@kubernetes-models/istio"
+# Envoy Gateway v1.8 fields the model package does not know (see the docstring).
+EG_V18_SCHEMA = HERE / "envoy-gateway-v1.8.schema.json"
 CORE_PACKAGE = "kubernetes-models"
 REPORTED_PACKAGES = [ISTIO_PACKAGE, *PACKAGES.values(), CORE_PACKAGE, "typescript"]
 
@@ -75,6 +93,10 @@ PATCHES = {
 
 ROOT_ID = "split-token"
 WASM_FILTER = "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"
+DYNAMIC_MODULE_FILTER = ("type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3."
+                         "DynamicModuleFilter")
+# Resources envoy/gateway/native/ defines differently from envoy/gateway/ on purpose.
+VARIANT_KINDS = {"EnvoyProxy", "EnvoyExtensionPolicy"}
 TYPED_STRUCTS = {"type.googleapis.com/udpa.type.v1.TypedStruct",
                  "type.googleapis.com/xds.type.v3.TypedStruct"}
 STRING_VALUE = "type.googleapis.com/google.protobuf.StringValue"
@@ -94,6 +116,8 @@ class Doc:
     partial: bool = False  # a patch: checked as DeepPartial<kind>
     reason: str = ""  # why there is no schema
     errors: list[str] = field(default_factory=list)
+    checked: object = None  # what the model packages check: data without the v1.8-only fields
+    overlays: list[str] = field(default_factory=list)  # fields checked against EG v1.8
 
     @property
     def label(self) -> str:
@@ -187,12 +211,58 @@ def resolve(doc: Doc) -> None:
         api_version, kind = str(data["apiVersion"]), str(data["kind"])
     doc.kind = kind
     doc.module, doc.reason = model_module(api_version, kind)
+    if not doc.partial:
+        apply_overlays(doc, f"{api_version}/{kind}")
+
+
+def load_overlays() -> dict:
+    return json.loads(EG_V18_SCHEMA.read_text(encoding="utf-8"))
+
+
+def field_at(data: dict, dotted: str):
+    """(parent, key) of a dotted path such as spec.dynamicModules, or None when absent."""
+    *parents, key = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.get(p) if isinstance(node, dict) else None
+    return (node, key) if isinstance(node, dict) and key in node else None
+
+
+def apply_overlays(doc: Doc, kind_key: str) -> None:
+    """Checks the fields Envoy Gateway v1.8 added against the vendored v1.8 schema, and takes
+    them out of what the model package checks when the document needs v1.8."""
+    from jsonschema import Draft202012Validator
+
+    vendored = load_overlays()
+    overlays = vendored["overlays"].get(kind_key)
+    if not overlays:
+        return
+    needs_v18 = any(field_at(doc.data, f) for f in vendored["v1.8-only"] if f in overlays)
+    checked = copy.deepcopy(doc.data)
+    for dotted, schema in overlays.items():
+        found = field_at(doc.data, dotted)
+        if not found:
+            continue
+        parent, key = found
+        validator = Draft202012Validator({"$schema": vendored["$schema"],
+                                          "$defs": vendored["$defs"], **schema})
+        where = "/" + dotted.replace(".", "/")
+        for e in sorted(validator.iter_errors(parent[key]), key=lambda e: list(e.absolute_path)):
+            path = "/".join(str(p) for p in e.absolute_path)
+            doc.errors.append(f"schema (EG v1.8): {where}{'/' + path if path else ''}: {e.message}")
+        doc.overlays.append(dotted)
+        if needs_v18:
+            checked_parent, _ = field_at(checked, dotted)
+            del checked_parent[key]
+    if needs_v18:
+        doc.checked = checked
 
 
 # ---- schema checks ---------------------------------------------------------------------------
 
 def run_validators(docs: list[Doc], work: Path) -> None:
-    items = [{"id": i, "module": d.module, "kind": d.kind, "doc": d.data}
+    items = [{"id": i, "module": d.module, "kind": d.kind,
+              "doc": d.data if d.checked is None else d.checked}
              for i, d in enumerate(docs) if d.module and not d.partial]
     if not items:
         return
@@ -247,7 +317,7 @@ def run_tsc(docs: list[Doc], work: Path) -> None:
         for variant, any_scalars in (("d", False), ("u", True)):
             lines.append((f"export const {variant}{i}: {target} = {{", (i, [], any_scalars)))
             body: list = []
-            ts_lines(d.data, [], 1, body, any_scalars)
+            ts_lines(d.data if d.checked is None else d.checked, [], 1, body, any_scalars)
             lines += [(text, (i, p, any_scalars)) for text, p in body]
             lines.append(("};", (i, [], any_scalars)))
     (work / "check.ts").write_text("\n".join(text for text, _ in lines) + "\n")
@@ -260,7 +330,9 @@ def run_tsc(docs: list[Doc], work: Path) -> None:
                           "--pretty", "false"], capture_output=True, text=True, cwd=work)
     errors: list[list] = []  # [where, code, message]
     for line in out.stdout.splitlines():
-        m = re.match(r"^check\.ts\((\d+),(\d+)\): error (TS\d+): (.*)$", line)
+        # tsc names the file relative to its working directory, which .deps/ behind a symlink
+        # (a git worktree sharing another checkout's .deps/) turns into a longer path.
+        m = re.match(r"^(?:.*/)?check\.ts\((\d+),(\d+)\): error (TS\d+): (.*)$", line)
         if m:
             where = lines[int(m.group(1)) - 1][1]
             if where is None:
@@ -296,11 +368,97 @@ class FilterConfig:
     built_as: str
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # The dynamic-module filter (typed_config) Envoy Gateway builds, for the native build; its
+    # module is replaced by the local build when checked.
+    dynamic_module: dict | None = None
 
 
 def string_value(config) -> dict:
     text = "" if config is None else json.dumps(config)
     return {"@type": STRING_VALUE, "value": text}
+
+
+def eg_json(config) -> str:
+    """A policy's config as Envoy Gateway passes it on: the raw JSON it gets from the API
+    server, which serializes custom resources compactly with sorted keys."""
+    return json.dumps(config, separators=(",", ":"), sort_keys=True)
+
+
+def eg_dynamic_module_filter(entry: dict, dm: dict) -> dict:
+    """The DynamicModuleFilter Envoy Gateway v1.8 builds from an EnvoyExtensionPolicy
+    dynamicModule[] entry and the EnvoyProxy dynamicModules[] entry it names
+    (internal/gatewayapi/envoyextensionpolicy.go buildDynamicModules,
+    internal/xds/translator/dynamicmodule.go dynamicModuleConfig): the module by path (Local) or
+    URL and sha256 (Remote), do_not_close and load_globally from the EnvoyProxy entry,
+    filter_name (empty by default), terminal_filter, and config as a StringValue. Fields at
+    their protobuf default are left out, as on the wire."""
+    source = entry.get("source") or {}
+    if (source.get("type") or "Local") == "Remote":
+        remote = source.get("remote") or {}
+        module = {"remote": {"http_uri": {"uri": remote.get("url")}, "sha256": remote.get("sha256")}}
+    else:
+        module = {"local": {"filename": (source.get("local") or {}).get("path")}}
+    config = {"module": module}
+    for ours, envoys in (("doNotClose", "do_not_close"), ("loadGlobally", "load_globally")):
+        if entry.get(ours) is True:
+            config[envoys] = True
+    typed = {"@type": DYNAMIC_MODULE_FILTER, "dynamic_module_config": config}
+    if dm.get("filterName"):
+        typed["filter_name"] = dm["filterName"]
+    if dm.get("terminalFilter") is True:
+        typed["terminal_filter"] = True
+    if dm.get("config") is not None:
+        typed["filter_config"] = {"@type": STRING_VALUE, "value": eg_json(dm["config"])}
+    return typed
+
+
+def meta_of(doc: Doc) -> tuple[str, str, str]:
+    data = doc.data if isinstance(doc.data, dict) else {}
+    meta = data.get("metadata") or {}
+    return str(data.get("kind", "")), meta.get("namespace", "default"), meta.get("name", "")
+
+
+def nearest(docs: list[Doc], near: Doc, kind: str, ns: str, name: str) -> Doc | None:
+    """The document of that kind, namespace and name that `near` is deployed with: from its
+    own directory, else from the nearest directory above it (never a sibling's)."""
+    here = Path(near.file).parent
+    best = None
+    for d in docs:
+        if meta_of(d) != (kind, ns, name):
+            continue
+        there = Path(d.file).parent
+        if here == there or here.is_relative_to(there):
+            depth = len(here.parts) - len(there.parts)
+            if best is None or depth < best[0]:
+                best = (depth, d)
+    return best[1] if best else None
+
+
+def policy_envoy_proxies(docs: list[Doc], policy: Doc) -> tuple[list[Doc], list[str]]:
+    """The EnvoyProxy documents of the Gateways a policy targets (Gateway
+    spec.infrastructure.parametersRef), and what could not be found."""
+    _, ns, _ = meta_of(policy)
+    spec = policy.data.get("spec") or {}
+    refs = list(spec.get("targetRefs") or []) + ([spec["targetRef"]] if spec.get("targetRef") else [])
+    proxies, missing = [], []
+    for ref in refs:
+        if ref.get("kind") != "Gateway":
+            missing.append(f"target {ref.get('kind')} {ref.get('name')}: only Gateway targets "
+                           "are followed to an EnvoyProxy here")
+            continue
+        gateway = nearest(docs, policy, "Gateway", ns, ref.get("name", ""))
+        params = ((gateway.data.get("spec") or {}).get("infrastructure") or {}).get(
+            "parametersRef") or {} if gateway else {}
+        if not gateway or params.get("kind") != "EnvoyProxy":
+            missing.append(f"Gateway {ns}/{ref.get('name')} with an EnvoyProxy parametersRef: "
+                           "not among the checked manifests")
+            continue
+        proxy = nearest(docs, gateway, "EnvoyProxy", ns, params.get("name", ""))
+        if proxy is None:
+            missing.append(f"EnvoyProxy {ns}/{params.get('name')}: not among the checked manifests")
+        elif proxy not in proxies:
+            proxies.append(proxy)
+    return proxies, missing
 
 
 def filter_configs(docs: list[Doc]) -> tuple[list[FilterConfig], list[str]]:
@@ -336,6 +494,35 @@ def filter_configs(docs: list[Doc]) -> tuple[list[FilterConfig], list[str]]:
                 found.append(FilterConfig(d, f"spec.wasm[{i}].config", plugin, w.get("config"),
                                           f'as Envoy Gateway builds it: vm_id "{vm_id}", '
                                           f"fail_open {str(fail_open).lower()}"))
+            modules = spec.get("dynamicModule") or []
+            proxies, missing = policy_envoy_proxies(docs, d) if modules else ([], [])
+            for i, dm in enumerate(modules):
+                what = f"spec.dynamicModule[{i}].config"
+                if not proxies:
+                    fc = FilterConfig(d, what, None, dm.get("config"), "as Envoy Gateway builds it")
+                    fc.errors += missing or ["no EnvoyProxy found for the policy's targets"]
+                    found.append(fc)
+                for proxy in proxies:
+                    registry = {e.get("name"): e for e in
+                                (proxy.data.get("spec") or {}).get("dynamicModules") or []}
+                    entry = registry.get(dm.get("name"))
+                    # Envoy Gateway's HTTP filter name for it (perRouteFilterName).
+                    filter_name = (f"envoy.filters.http.dynamic_modules/envoyextensionpolicy/"
+                                   f"{ns}/{name}/dynamic-module/{i}")
+                    fc = FilterConfig(d, what, None, dm.get("config"),
+                                      f"as Envoy Gateway builds it: {filter_name}, module "
+                                      f"{dm.get('name')!r} of EnvoyProxy {proxy.label}")
+                    if entry is None:
+                        # Envoy Gateway refuses the policy (buildDynamicModules).
+                        fc.errors.append(f"dynamic module {dm.get('name')!r} is not registered in "
+                                         f"the dynamicModules allowlist of EnvoyProxy {proxy.label}")
+                    else:
+                        fc.dynamic_module = eg_dynamic_module_filter(entry, dm)
+                        module = fc.dynamic_module["dynamic_module_config"]["module"]
+                        source = module.get("local", {}).get("filename") or (
+                            module["remote"]["http_uri"]["uri"])
+                        fc.notes.append(f"{source} replaced by the local build")
+                    found.append(fc)
         elif kind == "EnvoyFilter":
             for i, patch in enumerate(spec.get("configPatches") or []):
                 typed = ((patch.get("patch") or {}).get("value") or {}).get("typed_config") or {}
@@ -360,6 +547,22 @@ def filter_configs(docs: list[Doc]) -> tuple[list[FilterConfig], list[str]]:
                 plugin.get("vm_config", {}).pop("code", None)
                 found.append(fc)
     return found, skipped
+
+
+def variant_errors(docs: list[Doc]) -> list[str]:
+    """A resource that two directories define (envoy/gateway/ and envoy/gateway/native/) must be
+    the same in both, unless its kind is one the variants exist to differ in."""
+    errors, first = [], {}
+    for d in docs:
+        if not isinstance(d.data, dict) or "kind" not in d.data:
+            continue
+        key = (d.data.get("apiVersion"), *meta_of(d))
+        if key not in first:
+            first[key] = d
+        elif d.data.get("kind") not in VARIANT_KINDS and d.data != first[key].data:
+            errors.append(f"{d.label} {d.title} differs from {first[key].label}: only "
+                          f"{' and '.join(sorted(VARIANT_KINDS))} may differ between variants")
+    return errors
 
 
 def patch_clusters(docs: list[Doc]) -> dict[str, tuple[dict, str]]:
@@ -419,8 +622,8 @@ def stand_in(name: str) -> dict:
                                                              "port_value": 9}}}}]}]}}
 
 
-def check_config(fc: FilterConfig, wasm: Path, envoy: Path, added: dict, work: Path,
-                 n: int) -> None:
+def check_config(fc: FilterConfig, wasm: Path, native: Path, envoy: Path, added: dict,
+                 work: Path, n: int) -> None:
     if fc.errors:
         return
     if not isinstance(fc.config, dict):
@@ -443,8 +646,16 @@ def check_config(fc: FilterConfig, wasm: Path, envoy: Path, added: dict, work: P
             described.append(f"{name} (static stand-in)")
     if described:
         fc.notes.insert(0, "clusters " + ", ".join(described))
-    plugin = copy.deepcopy(fc.plugin)
-    plugin.setdefault("vm_config", {})["code"] = {"local": {"filename": str(wasm)}}
+    if fc.dynamic_module is not None:
+        if not native.is_file():
+            fc.errors.append(f"the native build is not at {native} (just build-native)")
+            return
+        typed = copy.deepcopy(fc.dynamic_module)
+        typed["dynamic_module_config"]["module"] = {"local": {"filename": str(native)}}
+    else:
+        plugin = copy.deepcopy(fc.plugin)
+        plugin.setdefault("vm_config", {})["code"] = {"local": {"filename": str(wasm)}}
+        typed = {"@type": WASM_FILTER, "config": plugin}
     bootstrap = {"static_resources": {
         "listeners": [{
             "name": "check",
@@ -460,8 +671,7 @@ def check_config(fc: FilterConfig, wasm: Path, envoy: Path, added: dict, work: P
                         "routes": [{"match": {"prefix": "/"},
                                     "route": {"cluster": "check_upstream"}}]}]},
                     "http_filters": [
-                        {"name": "split-token",
-                         "typed_config": {"@type": WASM_FILTER, "config": plugin}},
+                        {"name": "split-token", "typed_config": typed},
                         {"name": "envoy.filters.http.router",
                          "typed_config": {"@type": "type.googleapis.com/envoy.extensions."
                                                    "filters.http.router.v3.Router"}}]}}]}]}],
@@ -478,11 +688,19 @@ def check_config(fc: FilterConfig, wasm: Path, envoy: Path, added: dict, work: P
 
 # ---- main ------------------------------------------------------------------------------------
 
-def default_wasm() -> Path:
+def target_dir() -> Path:
     target = Path(os.environ.get("CARGO_TARGET_DIR") or "target")
     if not target.is_absolute():
         target = ROOT / target
-    return target.resolve() / "dist" / "split_token_filter.wasm"
+    return target.resolve()
+
+
+def default_wasm() -> Path:
+    return target_dir() / "dist" / "split_token_filter.wasm"
+
+
+def default_native() -> Path:
+    return target_dir() / "native" / "libsplit_token_native.so"
 
 
 def report(what: str, label: str, errors: list[str], ok_text: str | None = None) -> bool:
@@ -499,7 +717,8 @@ def report(what: str, label: str, errors: list[str], ok_text: str | None = None)
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=DEFAULT_PATHS,
-                        help="manifest files or directories (default: envoy/istio envoy/gateway)")
+                        help="manifest files or directories (default: envoy/istio envoy/gateway "
+                             "envoy/gateway/native)")
     parser.add_argument("--require-schemas", action="store_true",
                         help="fail on documents that no schema covers")
     parser.add_argument("--schemas-only", action="store_true",
@@ -508,21 +727,29 @@ def main() -> int:
     parser.add_argument("--wasm", type=Path, default=None,
                         help="the built filter (default: $CARGO_TARGET_DIR or target/, "
                              "dist/split_token_filter.wasm)")
+    parser.add_argument("--native", type=Path, default=None,
+                        help="the built dynamic module (default: $CARGO_TARGET_DIR or target/, "
+                             "native/libsplit_token_native.so)")
     args = parser.parse_args()
 
     if not (NODE_MODULES / ".bin" / "tsc").exists():
         sys.exit(f"check: {rel(DEPS)} is not installed: run tests/deps.sh (just deps)")
     wasm = args.wasm or default_wasm()
+    native = args.native or default_native()
     if not args.schemas_only:
         for what, path in (("Envoy", args.envoy), ("the filter's .wasm", wasm)):
             if not path.is_file():
                 sys.exit(f"check: {what} not found at {path} (just deps / just build, "
                          "or --schemas-only)")
 
-    print("schemas: " + ", ".join(f"{p} {version_of(p)}" for p in REPORTED_PACKAGES))
+    print("schemas: " + ", ".join(f"{p} {version_of(p)}" for p in REPORTED_PACKAGES)
+          + f", Envoy Gateway v1.8 fields from {rel(EG_V18_SCHEMA)}")
     if not args.schemas_only:
         digest = hashlib.sha256(wasm.read_bytes()).hexdigest()
         print(f"filter:  {wasm} (sha256 {digest[:16]}...), {args.envoy}")
+        if native.is_file():
+            digest = hashlib.sha256(native.read_bytes()).hexdigest()
+            print(f"native:  {native} (sha256 {digest[:16]}...)")
     docs = load_docs(manifest_files(args.paths))
     for d in docs:
         if not d.errors:
@@ -546,10 +773,14 @@ def main() -> int:
                 no_schema.append(d)
                 print(f"NO SCHEMA !!! {d.label} {d.title}: NOT CHECKED: {d.reason}")
                 continue
-            if report("manifest", f"{d.label} {d.title}", d.errors):
+            v18 = f" [{', '.join(d.overlays)}: EG v1.8]" if d.overlays else ""
+            if report("manifest", f"{d.label} {d.title}{v18}", d.errors):
                 passed += 1
             else:
                 failed += 1
+        for line in variant_errors(docs):
+            failed += 1
+            print(f"FAIL   variant  {line}")
 
         if not args.schemas_only:
             configs, skipped = filter_configs(docs)
@@ -557,10 +788,11 @@ def main() -> int:
             for line in skipped:
                 print(f"skip   config   {line}")
             for n, fc in enumerate(configs):
-                check_config(fc, wasm, args.envoy, added, work, n)
+                check_config(fc, wasm, native, args.envoy, added, work, n)
                 label = f"{fc.doc.label} {fc.doc.data.get('kind')} {fc.what}"
                 notes = "; ".join([fc.built_as, *fc.notes])
-                ok_text = f"{label}: on_configure accepted it ({notes})"
+                hook = "on_configure" if fc.dynamic_module is None else "its config hook"
+                ok_text = f"{label}: {hook} accepted it ({notes})"
                 if report("config  ", f"{label} ({notes})", fc.errors, ok_text):
                     passed += 1
                 else:
