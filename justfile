@@ -42,6 +42,10 @@ build-noop: toolchain
     cargo build --release --target wasm32-wasip1 -p split-token-bench-noop
     tests/wasm-opt.sh {{CARGO_TARGET_DIR}}/wasm32-wasip1/release/split_token_bench_noop.wasm {{CARGO_TARGET_DIR}}/dist/split_token_bench_noop.wasm
 
+# The no-op dynamic module of the benchmarks (tests/bench/noop-native), built like the native module, next to it
+build-noop-native: toolchain
+    cargo build --profile native -p split-token-bench-noop-native
+
 # Build the native dynamic module (libsplit_token_native.so, for the pinned Envoy 1.40.0 only): cargo's `native` profile (release, panics unwind to each hook's guard)
 build-native: toolchain
     cargo build --profile native -p split-token-native
@@ -98,8 +102,8 @@ bench-deps:
     command -v h2load >/dev/null && command -v wrk >/dev/null || \
       (apt-get update -qq && apt-get install -y -qq nghttp2-client wrk >/dev/null)
 
-# Throughput vs bare Envoy and jwt_authn, store scale and churn, the etcd tier across replicas, its cost in a 3-member etcd cluster -> docs/benchmarks.md (--quick: smoke run)
-bench *args: deps build build-noop bench-deps
+# Throughput of both builds (wasm, native) vs bare Envoy and jwt_authn, store scale and churn, the etcd tier across replicas, its cost in a 3-member etcd cluster -> docs/benchmarks.md (--quick: smoke run)
+bench *args: deps build build-noop build-native build-noop-native bench-deps
     #!/usr/bin/env bash
     set -euo pipefail
     quick=""; [[ " {{args}} " == *" --quick "* ]] && quick="--quick"

@@ -3,11 +3,15 @@
 For each N, a fresh Envoy (--concurrency 1, CPU 0) splits N real HS256 JWTs issued by a fast
 local token endpoint (tests/bench/token_server.js) through the filter (h2load POSTs, CPU 1), then
 wrk (CPU 1) calls a protected direct_response route with signatures drawn at random from all N,
-with the per-worker cache off so every hit reads the shared store. Memory is Envoy's
-`/memory` allocated bytes. The churn run issues short-lived tokens at a steady rate for three
-times the store's capacity and samples memory every second.
+with the per-worker cache off so every hit reads the shared store. The wasm build's store is
+Envoy's shared data; the native build's (libsplit_token_native.so) its process-wide map, filled
+the same way through its token path. Every store stays loaded and the hit rounds alternate
+between all of them, both builds. Memory is Envoy's `/memory` allocated bytes. The churn run
+(wasm) issues short-lived tokens at a steady rate for three times the store's capacity and
+samples memory every second.
 
-usage: python tests/bench/scale.py [--sizes 1000,100000,1000000] [--quick] [--json FILE]
+usage: python tests/bench/scale.py [--sizes 1000,100000,1000000] [--native-sizes 1000,1000000]
+                                   [--quick] [--json FILE]
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import base64
 import hashlib
 import hmac
 import json
+import os
 import random
 import re
 import statistics
@@ -58,8 +63,10 @@ def signature(i: int, exp: int) -> tuple[str, int]:
     return sig, len(signed)
 
 
-def envoy_config(token_port: int, settings: dict) -> dict:
+def envoy_config(token_port: int, settings: dict, build: str) -> dict:
     wasm = stack.wasm_http_filter(settings)
+    if build == "native":
+        wasm = stack.native_http_filter(wasm)
     routes = [
         {"match": {"path": "/token"}, "route": {"cluster": "tokens"}},
         {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok"}}},
@@ -94,16 +101,22 @@ def allocated(envoy: stack.Envoy) -> int:
     return int(requests.get(envoy.admin + "/memory", timeout=5).json()["allocated"])
 
 
-class Rig:
-    """A token server and an Envoy splitting its tokens."""
+def counter(build: str, name: str) -> str:
+    return f"{'dynamicmodulescustom' if build == 'native' else 'wasmcustom'}.split_token.{name}"
 
-    def __init__(self, run_dir: Path, settings: dict, exp: int):
+
+class Rig:
+    """A token server and an Envoy splitting its tokens with one build of the filter."""
+
+    def __init__(self, run_dir: Path, settings: dict, exp: int, build: str = "wasm"):
+        self.build = build
         self.token_port = stack.free_port()
         self.tokens = stack.Process("token-server", ["taskset", "-c", "1", "node", str(HERE / "token_server.js"),
                                                      str(self.token_port), SECRET, str(exp), str(PAD)],
                                     run_dir / "token-server.log")
         stack.wait_for("token server", lambda: "token server" in self.tokens.output(), proc=self.tokens.proc)
-        self.envoy = stack.Envoy(envoy_config(self.token_port, settings), run_dir, name="scale-envoy")
+        self.envoy = stack.Envoy(envoy_config(self.token_port, settings, build), run_dir,
+                                 name="scale-envoy" if build == "wasm" else f"scale-envoy-{build}")
         self.envoy.wait_ready(timeout=120)
         subprocess.run(["taskset", "-apc", "0", str(self.envoy.process.proc.pid)], check=True, capture_output=True)
 
@@ -137,14 +150,14 @@ def wrk_hits(url: str, signatures: list[str], seconds: int) -> tuple[float, int,
             int(refused.group(1)) if refused else 0, int(total.group(1)))
 
 
-def scale_point(run_dir: Path, n: int) -> tuple[Rig, dict, list[str]]:
+def scale_point(run_dir: Path, n: int, build: str = "wasm") -> tuple[Rig, dict, list[str]]:
     """Starts a rig, issues n tokens through it; returns it with its figures and a sample of
     signatures to call with."""
     slots = 1 << max(4, (max(n // 2, 1) - 1).bit_length())  # power of two >= n/2 (sizing rule)
     exp = int(time.time()) + 7200
     settings = {"token_paths": ["/token"], "store_slots": slots, "slot_capacity": 8,
                 "local_cache_entries": 0}
-    rig = Rig(run_dir, settings, exp)
+    rig = Rig(run_dir, settings, exp, build)
     try:
         before = allocated(rig.envoy)
         t0 = time.monotonic()
@@ -154,8 +167,11 @@ def scale_point(run_dir: Path, n: int) -> tuple[Rig, dict, list[str]]:
         after = allocated(rig.envoy)
         sample = random.Random(n).sample(range(n), min(n, 20_000))
         sigs = [signature(i, exp)[0] for i in sample]
-        point = {"n": n, "slots": slots, "split": stats.get("wasmcustom.split_token.tokens_split", 0),
-                 "evicted": stats.get("wasmcustom.split_token.store.evictions", 0),
+        split = stats.get(counter(build, "tokens_split"), 0)
+        if split != n:
+            raise RuntimeError(f"{build} store of {n}: {split} tokens split")
+        point = {"build": build, "n": n, "slots": slots, "split": split,
+                 "evicted": stats.get(counter(build, "store.evictions"), 0),
                  "issue_seconds": round(issue_s, 1), "issue_rate": round(n / issue_s),
                  "header_payload_bytes": signature(0, exp)[1],
                  "bytes_per_token": round((after - before) / n, 1), "allocated_before": before,
@@ -195,19 +211,27 @@ def churn(run_dir: Path, slots: int, ttl: int, rate: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,100000,1000000")
+    ap.add_argument("--native-sizes", default="1000,1000000",
+                    help="stores of the native build (the first is the base of its ratios)")
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     sizes = [1000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    native_sizes = [1000, 10000] if args.quick else [int(s) for s in args.native_sizes.split(",") if s]
+    if native_sizes:
+        if not stack.NATIVE_MODULE.is_file():
+            raise SystemExit(f"scale: {stack.NATIVE_MODULE} is missing (just build-native)")
+        # Inherited by every Envoy below (the wasm ones ignore it).
+        os.environ["ENVOY_DYNAMIC_MODULES_SEARCH_PATH"] = str(stack.NATIVE_DIR)
     seconds = 3 if args.quick else args.seconds
     rounds = 1 if args.quick else args.rounds
     run_dir = stack.ROOT / ".run" / "scale"
     rigs = []
     try:
-        for n in sizes:
-            rigs.append(scale_point(run_dir, n))
+        for build, n in [("wasm", n) for n in sizes] + [("native", n) for n in native_sizes]:
+            rigs.append(scale_point(run_dir, n, build))
             print(json.dumps(rigs[-1][1]), flush=True)
         # All stores stay loaded; hit rounds alternate between them so drift hits every size alike.
         measured = {id(rig): [] for rig, _, _ in rigs}
@@ -217,13 +241,18 @@ def main() -> int:
                 rps, bad, _total = wrk_hits(rig.envoy.url + "/api/x", sigs, seconds)
                 measured[id(rig)].append(rps)
                 refused[id(rig)] += bad
-        points = []
+        points, native_points = [], []
         for rig, point, _ in rigs:
             point["hit_rps"] = statistics.median(measured[id(rig)])
             point["hit_rounds"] = measured[id(rig)]
             point["hits_refused"] = refused[id(rig)]
-            points.append(point)
+            (native_points if rig.build == "native" else points).append(point)
             print(json.dumps(point), flush=True)
+        if len(native_points) > 1:
+            small, big = native_points[0], native_points[-1]
+            ratio = big["hit_rps"] / small["hit_rps"]
+            print(f"native: hit rate at {big['n']:,} tokens {ratio:.2f}x the rate at {small['n']:,} "
+                  f"(target >= 0.90x: {'met' if ratio >= 0.9 else 'NOT met'})", flush=True)
     finally:
         for rig, _, _ in rigs:
             rig.stop()
@@ -232,7 +261,8 @@ def main() -> int:
               rate=400 if args.quick else 2000)
     print(json.dumps({k: v for k, v in c.items() if k != "samples"}), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"points": points, "churn": c}, indent=1))
+        args.json.write_text(json.dumps({"points": points, "native_points": native_points, "churn": c},
+                                        indent=1))
     return 0
 
 
