@@ -153,9 +153,14 @@ def wrk_hits(url: str, signatures: list[str], seconds: int) -> tuple[float, int,
 def scale_point(run_dir: Path, n: int, build: str = "wasm") -> tuple[Rig, dict, list[str]]:
     """Starts a rig, issues n tokens through it; returns it with its figures and a sample of
     signatures to call with."""
-    slots = 1 << max(4, (max(n // 2, 1) - 1).bit_length())  # power of two >= n/2 (sizing rule)
+    # The sizing rules (docs/config.md): wasm, a power of two >= n/2 slots of 8 (a write copies
+    # its slot through the VM boundary: keep slots small); native, >= n/8 slots of 32 (a slot
+    # costs the process map about 130 bytes: fewer, fuller slots keep a token near
+    # header.payload + 64 bytes).
+    per_slot, capacity = (8, 32) if build == "native" else (2, 8)
+    slots = 1 << max(4, (max(n // per_slot, 1) - 1).bit_length())
     exp = int(time.time()) + 7200
-    settings = {"token_paths": ["/token"], "store_slots": slots, "slot_capacity": 8,
+    settings = {"token_paths": ["/token"], "store_slots": slots, "slot_capacity": capacity,
                 "local_cache_entries": 0}
     rig = Rig(run_dir, settings, exp, build)
     try:
