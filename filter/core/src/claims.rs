@@ -55,9 +55,11 @@ pub struct ClaimHeader {
     pub header: String,
 }
 
-/// Headers a claim may never be projected into: framing, routing and the credential itself.
-const RESERVED_HEADERS: [&str; 10] = [
+/// Headers a claim may never be projected into: framing, routing, the credential itself and its
+/// DPoP proof (read from the client on API calls).
+const RESERVED_HEADERS: [&str; 11] = [
     "authorization",
+    "dpop",
     "host",
     "content-length",
     "content-type",

@@ -191,9 +191,10 @@ impl StreamHost for Wasm {
     }
 
     fn clear_route_cache(&self) {
-        // Nothing to call: Envoy's wasm host clears the route cache itself on every write to
-        // the request headers (`source/extensions/common/wasm/context.cc`), and the flow asks
-        // only after it wrote them (tests/e2e/test_identity.py routes on the written values).
+        // Envoy 1.40's wasm host also clears the route cache on every request-header write, but
+        // Envoy has been moving that to this foreign function (envoyproxy/envoy#36671): ask, so
+        // routing on identity holds on any Envoy a control plane runs.
+        let _ = hostcalls::call_foreign_function("clear_route_cache", None);
     }
 
     fn response_code_details(&self) -> Option<Vec<u8>> {

@@ -190,6 +190,14 @@ fn set_length<H: StreamHost>(
     host.set_header(message, "content-length", Some(&length.to_string()))
 }
 
+/// Answers an API call here, after removing the identity headers the client sent: the request
+/// reaches no upstream, but Envoy's access log and traces still see its headers, and must not
+/// record a spoofed user. (Not after a failed header write: the headers are then out of reach.)
+fn refuse<H: StreamHost>(h: &H, config: &Config, reply: &LocalReply<'_>) {
+    let _ = write_identity(h, config, &[]);
+    send(h, reply);
+}
+
 /// Writes every configured identity header of an API call that goes on, once each: the
 /// verified claim's value where the token has one (`values`: index into `claims_to_headers`,
 /// value), else no header. Envoy's replace drops every value sent under the name before it sets
@@ -553,7 +561,7 @@ impl Stream {
                 Action::Continue
             }
             Verdict::Reject(rejection) => {
-                send(h, &rejection.reply(config));
+                refuse(h, config, &rejection.reply(config));
                 Action::Pause
             }
         }
@@ -599,7 +607,8 @@ impl Stream {
         match then {
             AfterFetch::Authorize { .. } => {
                 h.bump(Counter::RejectedStoreUnavailable);
-                send(h, &Rejection::StoreUnavailable.reply(self.config()));
+                let config = self.config();
+                refuse(h, config, &Rejection::StoreUnavailable.reply(config));
             }
             AfterFetch::Introspect { .. } => {
                 h.bump(Counter::RejectedStoreUnavailable);

@@ -140,14 +140,10 @@ impl Worker {
         host.define_counters();
         let cache = LocalCache::new(config.local_cache_entries);
         // Create every slot now, so that no token is ever written to a missing key (Envoy's CAS
-        // cannot guard key creation). Idempotent across VMs and reloads. The epoch bump empties
-        // its key (earlier versions kept a counter there) and costs caches nothing: they are
-        // empty at configuration.
+        // cannot guard key creation). Idempotent across VMs and reloads. The revocation epoch
+        // needs nothing: a missing key is epoch 0, and its first bump creates it.
         let store = store(host, &config);
-        match store.initialize().and_then(|created| {
-            store.bump_epoch()?;
-            Ok(created)
-        }) {
+        match store.initialize() {
             Ok(0) => {}
             Ok(created) => host.log(Level::Info, &format!("created {created} store slots")),
             Err(e) => {

@@ -423,22 +423,38 @@ impl<'a, H: SharedData> Store<'a, H> {
     /// The revocation epoch: it changes whenever a token is revoked on any worker, which tells
     /// every worker to forget what it cached.
     ///
-    /// It is the CAS of a key whose value stays empty: the host moves a key's CAS on every write,
-    /// and hands an empty value back without calling into the VM to allocate it (a proxy-wasm
-    /// host calls the module's allocator for every non-empty value it returns; that call is most
-    /// of what a shared-data read costs). 0 until the first bump. Envoy's CAS is one counter for
-    /// all keys of the process, so a cache could miss a change only if the counter came back
-    /// round (2^32 writes) to exactly the value it saw.
+    /// It is the key's CAS, which the host moves on every write of it, whoever writes. The value
+    /// stays empty (see [`Store::bump_epoch`]), and a host hands an empty value back without
+    /// calling into the VM to allocate it (a proxy-wasm host calls the module's allocator for
+    /// every non-empty value it returns: that call is most of what a shared-data read costs).
+    /// 0 until the first bump. Envoy's CAS is one counter for every key of the process, so a
+    /// cache could miss a change only if the counter came back round (2^32 writes) to exactly
+    /// the value it saw.
     pub fn epoch(&self) -> Result<u64, StoreError> {
         let (_, cas) = self.get(&self.epoch_key())?;
         Ok(cas.map_or(0, u64::from))
     }
 
-    /// Moves the revocation epoch on, after a revocation or an eviction: one blind write of the
-    /// empty value, which gives the key a new CAS. Every cache that syncs after it sees a
-    /// change. Only a host failure is an error.
+    /// Moves the revocation epoch on, after a revocation or an eviction: a write of the key,
+    /// which gives it a new CAS. The value written is the empty one, unless the key holds an
+    /// 8-byte counter: releases before this one read the counter, not the CAS, and a VM of one
+    /// may share this store during an upgrade (a listener update under the same `vm_id`
+    /// drains the old VMs), so a counter is carried on, and that store keeps the old format
+    /// (and its read cost) until Envoy restarts.
+    ///
+    /// One compare-and-swap, no retry: a mismatch means another worker moved the epoch after
+    /// this read, which came after the caller's change to the store, so every cache that syncs
+    /// later sees a new epoch either way. Only a host failure is an error.
     pub fn bump_epoch(&self) -> Result<(), StoreError> {
-        match self.host.set(&self.epoch_key(), &[], None) {
+        let key = self.epoch_key();
+        let (current, cas) = self.get(&key)?;
+        let next = <[u8; 8]>::try_from(current.as_slice())
+            .map(|counter| u64::from_be_bytes(counter).wrapping_add(1).to_be_bytes());
+        let value: &[u8] = match &next {
+            Ok(counter) => counter,
+            Err(_) => &[],
+        };
+        match self.host.set(&key, value, cas) {
             Ok(()) | Err(SetError::CasMismatch) => Ok(()),
             Err(SetError::Host(HostStatus(status))) => Err(StoreError::Host {
                 operation: "set",
@@ -761,5 +777,28 @@ pub(crate) mod tests {
             .put(&entry(1, 100, &big), 0)
             .unwrap_err();
         assert!(matches!(err, StoreError::EntryTooLarge { .. }));
+    }
+
+    #[test]
+    fn the_epoch_is_the_cas_of_an_empty_key_or_carries_an_older_releases_counter() {
+        let host = MemoryData::default();
+        let store = Store::new(&host, "p/", 16, 2);
+        let key = epoch_key("p/");
+        assert_eq!(store.epoch().unwrap(), 0, "no bump yet");
+        store.bump_epoch().unwrap();
+        let first = store.epoch().unwrap();
+        assert_ne!(first, 0);
+        assert_eq!(host.get(&key).unwrap().0, b"", "the value stays empty");
+        store.bump_epoch().unwrap();
+        assert_ne!(store.epoch().unwrap(), first);
+        // An earlier release created the key with its 8-byte counter and still reads it: a bump
+        // carries the counter on, so that release's caches see it too.
+        let old = MemoryData::default();
+        old.raw_set(&key, &41u64.to_be_bytes());
+        let store = Store::new(&old, "p/", 16, 2);
+        let before = store.epoch().unwrap();
+        store.bump_epoch().unwrap();
+        assert_ne!(store.epoch().unwrap(), before);
+        assert_eq!(old.get(&key).unwrap().0, 42u64.to_be_bytes());
     }
 }

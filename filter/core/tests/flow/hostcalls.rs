@@ -11,10 +11,8 @@ fn calls_of(proxy: &Proxy, f: impl FnOnce()) -> u32 {
 
 /// A cached hit: `:path`, `Authorization`, the clock, the counter, the rebuilt `Authorization`;
 /// plus one write per claim header (a replace: it also drops what the client sent) and the
-/// route recomputation (which costs the wasm build nothing: Envoy's wasm host recomputes after
-/// any request-header write); plus the epoch read with revocation configured (of an empty
-/// value: no allocation in the VM). A public request: `:path`, the removals and the route
-/// recomputation.
+/// route recomputation; plus the epoch read with revocation configured (of an empty value: no
+/// allocation in the VM). A public request: `:path`, the removals and the route recomputation.
 #[test]
 fn host_calls_per_hit_and_per_public_request() {
     for (extra, hit, public) in [

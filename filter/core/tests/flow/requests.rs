@@ -172,3 +172,20 @@ fn client_identity_headers_never_go_on() {
     assert_eq!(ex.host.request_values("x-user-email"), Vec::<String>::new());
     assert_eq!(proxy.world.counter(Counter::FullJwtForwarded), 1);
 }
+
+/// A refused API call is answered here with the client's identity headers gone: the request
+/// reaches no upstream, and Envoy's access log must not record a spoofed user either.
+#[test]
+fn a_refused_call_drops_the_client_identity_before_the_answer() {
+    let proxy = Proxy::new(&config(json!({})));
+    for authorization in ["Bearer nope", "Basic eA==", ""] {
+        let (ex, action) = api(&proxy, authorization);
+        assert_eq!(action, Action::Pause);
+        assert_eq!(ex.reply().unwrap().status, 401, "{authorization:?}");
+        assert_eq!(
+            ex.host.request_values("x-user-id"),
+            Vec::<String>::new(),
+            "{authorization:?}"
+        );
+    }
+}
