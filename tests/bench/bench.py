@@ -54,10 +54,14 @@ NOOP_NATIVE_NAME = "split_token_bench_noop_native"
 NOOP_NATIVE = stack.NATIVE_DIR / f"lib{NOOP_NATIVE_NAME}.so"
 
 
-def noop_filter() -> dict:
+def noop_filter(rewrite: bool = False) -> dict:
+    """The no-op wasm filter; `rewrite`: it also makes the three host calls of any token hit
+    (reads `:path` and `Authorization`, replaces `Authorization`), and nothing else."""
     entry = wasm_filter({}, code=NOOP_WASM)
     config = entry["typed_config"]["config"]
     config["name"] = config["root_id"] = config["vm_config"]["vm_id"] = "noop"
+    if rewrite:
+        config["configuration"]["value"] = "rewrite"
     return entry
 
 
@@ -234,7 +238,7 @@ def main() -> int:
     try:
         jwks = requests.get(f"http://127.0.0.1:{idp.port}/jwks", timeout=5).text
         ports = {name: stack.free_port() for name in
-                 ("bare", "noop", "nnoop", "floor", "nfloor", "hit", "nhit", "hitnoopt", "hitrev", "hit3", "nhit3",
+                 ("bare", "noop", "nooprw", "nnoop", "floor", "nfloor", "hit", "nhit", "hitnoopt", "hitrev", "hit3", "nhit3",
                   "hit3rev", "hit3k", "miss", "jwt_authn", "jwt_authn_cache",
                   "issue", "issue_native", "issue_bare")}
         base = {"token_paths": ["/auth/token"], "public_prefixes": ["/public/"],
@@ -244,6 +248,7 @@ def main() -> int:
         listeners = [
             listener("bare", ports["bare"], [], [ok_route]),
             listener("noop", ports["noop"], [noop_filter()], [ok_route]),
+            listener("nooprw", ports["nooprw"], [noop_filter(rewrite=True)], [ok_route]),
             listener("nnoop", ports["nnoop"], [noop_native_filter()], [ok_route]),
             listener("floor", ports["floor"], [wasm_filter(base)], [ok_route]),
             listener("nfloor", ports["nfloor"], [native_filter(base)], [ok_route]),
@@ -308,6 +313,9 @@ def main() -> int:
             "no-op wasm filter, same Authorization header sent": Row(url("noop"), f"Bearer {sig}", "200", "wasm"),
             "no-op dynamic module, same Authorization header sent":
                 Row(url("nnoop"), f"Bearer {native_sig}", "200", "native"),
+            # What any token hit must ask of the proxy-wasm host, and nothing of split-token's.
+            "no-op wasm filter + the 3 host calls of a hit (read :path and Authorization, write Authorization)":
+                Row(url("nooprw"), f"Bearer {sig}", "200", "wasm"),
             "filter loaded, public path (floor)": Row(url("floor", "/public/x"), None, "200", "wasm"),
             "native module loaded, public path (floor)": Row(url("nfloor", "/public/x"), None, "200", "native"),
             "token hit, 0 claim headers": Row(url("hit"), f"Bearer {sig}", "200", "wasm", hit),
@@ -329,6 +337,7 @@ def main() -> int:
                 "noop_wasm": "no-op wasm filter (every callback continues)",
                 "noop_native": "no-op dynamic module (every hook continues)",
                 "noop_wasm_auth": "no-op wasm filter, same Authorization header sent",
+                "noop_wasm_rewrite": "no-op wasm filter + the 3 host calls of a hit (read :path and Authorization, write Authorization)",
                 "noop_native_auth": "no-op dynamic module, same Authorization header sent",
                 "hitrev_wasm": "token hit, 0 claim headers, revocation on",
                 "hit3rev_wasm": "token hit, 3 claim headers, revocation on",
