@@ -51,9 +51,10 @@ build-native: toolchain
     cargo build --profile native -p split-token-native
     @ls -l {{native}} | awk '{print "built " $9 " (" $5 " bytes)"}'
 
-# The .wasm with fault injection, for the VM-failure tests only: never ship it
+# The .wasm and the native module with fault injection, for the VM-failure and panic tests only: never ship them
 build-fault: toolchain
     cargo build --profile fault --target wasm32-wasip1 -p split-token-filter --features fault-injection
+    cargo build --profile native-fault -p split-token-native --features fault-injection
 
 # Run the Tyk-style walkthrough: IdP, httpbin and Envoy on loopback; Ctrl-C stops them
 demo: deps build
@@ -72,13 +73,20 @@ lint: deps build build-native
 unit: toolchain
     cargo test --workspace
 
-# End-to-end tests against real Envoy, IdP and httpbin (extra args go to pytest); then the suites
-# whose behaviour depends on it again under the Envoy filter config that Istio's WasmPlugin and
-# Envoy Gateway's EnvoyExtensionPolicy generate (no allow_on_headers_stop_iteration)
-e2e *args: deps build build-fault
+# The whole suite runs under the .wasm, then again under the native dynamic module (one test
+# suite, two builds; tests of a Wasm VM skip there with their reason); then the suites whose
+# behaviour depends on it again under the Envoy filter config that Istio's WasmPlugin and Envoy
+# Gateway's EnvoyExtensionPolicy generate (no allow_on_headers_stop_iteration).
+# End-to-end tests against real Envoy, IdP and httpbin, under both builds (extra args go to pytest)
+e2e *args: deps build build-native build-fault
     #!/usr/bin/env bash
     set -euo pipefail
     {{venv}}/bin/pytest tests/e2e {{args}}
+    echo "e2e: again under the native build (--host native)"
+    status=0
+    {{venv}}/bin/pytest --host native tests/e2e {{args}} || status=$?
+    # 5: extra args (say -k) selected none of these tests
+    [ "$status" = 0 ] || [ "$status" = 5 ] || exit "$status"
     for shape in istio envoy-gateway; do
       echo "e2e: again as $shape generates the filter config"
       status=0

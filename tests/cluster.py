@@ -535,8 +535,11 @@ def front_config(port: int, admin_port: int, gateway_ports: list[int]) -> dict:
 class Replica:
     """One gateway Envoy with the filter; restartable on the same ports."""
 
-    def __init__(self, name: str, config: dict, run_dir: Path, concurrency: int = 2):
+    def __init__(self, name: str, config: dict, run_dir: Path, concurrency: int = 2,
+                 native_dir: Path | None = None):
+        """`native_dir`: where Envoy finds the dynamic module under the native host."""
         self.name, self.config, self.run_dir, self.concurrency = name, config, run_dir, concurrency
+        self.native_dir = native_dir
         self.port = config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"]
         self.envoy: stack.Envoy | None = None
         self.on_start = lambda envoy: None
@@ -551,7 +554,8 @@ class Replica:
 
     def start(self) -> "Replica":
         self.envoy = stack.Envoy(self.config, self.run_dir, name=f"gateway-{self.name}",
-                                 concurrency=self.concurrency, listen_port=self.port)
+                                 concurrency=self.concurrency, listen_port=self.port,
+                                 native_dir=self.native_dir)
         self.on_start(self.envoy)
         return self
 
@@ -568,7 +572,7 @@ class Replica:
 
     def counter(self, name: str) -> int:
         """A split-token counter (docs/config.md, "Stats"), summed over workers."""
-        return self.envoy.stat(f"wasmcustom.split_token.{name}")
+        return self.envoy.stat(stack.stat_name(name))
 
     def etcd_hosts(self) -> dict[int, bool]:
         """Member client port -> whether this replica routes etcd calls to it now."""
@@ -601,9 +605,10 @@ class Deployment:
     """etcd cluster, replicas, front: started in that order by `start`, stopped by `stop`.
 
     `settings` is the filter's configuration on every replica (`SETTINGS` by default; its
-    `etcd.cluster` must stay "etcd"). The .wasm (stack.WASM) is copied into the run dir at
-    start, so every replica, restarted ones included, runs the same module even if it is
-    rebuilt meanwhile. `on_start(process)` is called with every process started (a
+    `etcd.cluster` must stay "etcd"). The filter's build (the .wasm, stack.WASM, or under the
+    native host the dynamic module, stack.NATIVE_MODULE) is copied into the run dir at start,
+    so every replica, restarted ones included, runs the same module even if it is rebuilt
+    meanwhile. `on_start(process)` is called with every process started (a
     `stack.Process` for etcd, a `stack.Envoy` for the others), e.g. to show their logs."""
 
     def __init__(self, run_dir: Path, idp_port: int, *, settings: dict | None = None,
@@ -615,13 +620,14 @@ class Deployment:
         self.etcd = EtcdCluster(run_dir)
         self.etcd.on_start = self.on_start
         self.wasm = run_dir / "split_token_filter.wasm"
+        self.native_dir = run_dir / "native"
         settings = settings or SETTINGS
         etcd_ports = [m.port for m in self.etcd.members]
         self.gateways = []
         for name in names:
             config = gateway_config(name, stack.free_port(), stack.free_port(), idp_port,
                                     etcd_ports, settings, self.wasm)
-            replica = Replica(name, config, run_dir, concurrency)
+            replica = Replica(name, config, run_dir, concurrency, native_dir=self.native_dir)
             replica.on_start = self.on_start
             self.gateways.append(replica)
         self._front_args = (front_config(stack.free_port(), stack.free_port(),
@@ -629,7 +635,11 @@ class Deployment:
         self.front: Front | None = None
 
     def start(self) -> "Deployment":
-        shutil.copyfile(stack.WASM, self.wasm)
+        if stack.HOST == "native":
+            self.native_dir.mkdir(exist_ok=True)
+            shutil.copyfile(stack.NATIVE_MODULE, self.native_dir / stack.NATIVE_MODULE.name)
+        else:
+            shutil.copyfile(stack.WASM, self.wasm)
         self.etcd.start()
         for g in self.gateways:
             g.start()

@@ -40,6 +40,8 @@ DEMO_CONFIG = ROOT / "envoy" / "envoy.yaml"
 # through ENVOY_DYNAMIC_MODULES_SEARCH_PATH.
 NATIVE_DIR = TARGET_DIR / "native"
 NATIVE_MODULE = NATIVE_DIR / "libsplit_token_native.so"
+# The dynamic module with fault injection (`just build-fault`, cargo's `native-fault` profile).
+NATIVE_FAULT_DIR = TARGET_DIR / "native-fault"
 DYNAMIC_MODULE_FILTER_TYPE = (
     "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter")
 # Which build of the filter Envoy runs: the .wasm (`wasm`, the default) or the dynamic module
@@ -267,8 +269,26 @@ def _hcm(config: dict) -> dict:
 
 
 def is_split_token(http_filter: dict) -> bool:
+    """Whether an HTTP filter entry is split-token, as the Wasm filter or as the dynamic module."""
     typed = http_filter.get("typed_config", {})
+    if typed.get("@type") == DYNAMIC_MODULE_FILTER_TYPE:
+        return typed.get("filter_name") == "split-token"
     return typed.get("@type") == WASM_FILTER_TYPE and typed["config"].get("root_id") == "split-token"
+
+
+def settings_value(settings: str) -> str:
+    """The filter's JSON configuration text as the current host and shape deploy it."""
+    return native_settings(settings) if HOST == "native" else shaped_settings(settings)
+
+
+def set_filter_settings(http_filter: dict, settings: str):
+    """Replaces the JSON configuration of a split-token filter entry, Wasm or native, in place,
+    as the current host and shape deploy it."""
+    typed = http_filter["typed_config"]
+    if typed["@type"] == DYNAMIC_MODULE_FILTER_TYPE:
+        typed["filter_config"]["value"] = native_settings(settings)
+    else:
+        typed["config"]["configuration"]["value"] = shaped_settings(settings)
 
 
 def wasm_filter(config: dict) -> dict:
@@ -304,21 +324,28 @@ def stat_name(name: str) -> str:
     return f"{prefix}.split_token.{name}"
 
 
-def native_http_filter(http_filter: dict) -> dict:
-    """The same split-token filter as a dynamic module: same name, same JSON. A dynamic module
-    can always hold headers, so the JSON says so as the hand-written (`envoy`) shape does, and
-    as envoy/gateway/native/envoyextensionpolicy.yaml does. Under `envoy-gateway`: exactly what
-    Envoy Gateway builds from that policy and its EnvoyProxy's dynamicModules entry
-    (internal/xds/translator/dynamicmodule.go): its filter name, added disabled (apply_shape
-    enables it per route), the module by absolute path, do_not_close, filter_name, and the
-    config as the API server hands it over (compact JSON, keys sorted)."""
-    plugin = http_filter["typed_config"]["config"]
-    value = plugin["configuration"]["value"]
+def native_settings(value: str) -> str:
+    """The filter's JSON as the dynamic module is given it: a dynamic module can always hold
+    headers, so the JSON says so as the hand-written (`envoy`) shape does (unless the text says
+    otherwise), and as envoy/gateway/native/envoyextensionpolicy.yaml does. Added as text, as in
+    `shaped_settings`."""
     key = "allow_on_headers_stop_iteration"
     head = value.lstrip()
     if key not in value and head.startswith("{"):
         rest = head[1:].lstrip()
         value = '{"allow_on_headers_stop_iteration": true' + ("" if rest.startswith("}") else ", ") + rest
+    return value
+
+
+def native_http_filter(http_filter: dict) -> dict:
+    """The same split-token filter as a dynamic module: same name, same JSON. Under
+    `envoy-gateway`: exactly what Envoy Gateway builds from envoy/gateway/native's policy and its
+    EnvoyProxy's dynamicModules entry (internal/xds/translator/dynamicmodule.go): its filter
+    name, added disabled (apply_shape enables it per route), the module by absolute path,
+    do_not_close, filter_name, and the config as the API server hands it over (compact JSON,
+    keys sorted)."""
+    plugin = http_filter["typed_config"]["config"]
+    value = native_settings(plugin["configuration"]["value"])
     if SHAPE == "envoy-gateway":
         try:  # the API server holds only valid JSON; a test's broken text stays as it is
             value = json.dumps(json.loads(value), separators=(",", ":"), sort_keys=True)
@@ -511,7 +538,9 @@ class Envoy:
 
     def __init__(self, config: dict, run_dir: Path, name: str = "envoy", concurrency: int = 1,
                  log_level: str = "info", extra_args: list[str] | None = None,
-                 listen_port: int | None = None):
+                 listen_port: int | None = None, native_dir: Path | None = None):
+        """`native_dir`: where Envoy finds the dynamic module under the native host (the built
+        one, NATIVE_DIR, by default; another build or a copy for a test that needs one)."""
         self.config = config
         run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path = run_dir / f"{name}.json"
@@ -524,7 +553,7 @@ class Envoy:
                 "--disable-hot-restart"] + (extra_args or [])
         env = None
         if HOST == "native":
-            env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(NATIVE_DIR)}
+            env = {**os.environ, "ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(native_dir or NATIVE_DIR)}
         self.process = Process(name, argv, run_dir / f"{name}.log", env=env)
 
     @property

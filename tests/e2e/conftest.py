@@ -153,9 +153,10 @@ def start_gateway(run_dir, idp, httpbin):
 
     def start(filter_config=None, *, concurrency=1, extra_routes=None, wait=True, log_level="info",
               extra_args=None, name=None, idp_port=None, extra_clusters=None,
-              customize=None, lds=False) -> Gateway:
+              customize=None, lds=False, native_dir=None) -> Gateway:
         """`customize(config)` edits the rendered config in place; `lds=True` serves the
-        listener from a watched file, so `gateway.reload(settings)` can change it live."""
+        listener from a watched file, so `gateway.reload(settings)` can change it live;
+        `native_dir` is where Envoy finds the dynamic module under `--host native`."""
         routes = [
             {"match": {"path": path}, "route": {"cluster": "httpbin", "prefix_rewrite": target}}
             for path, target in BAD_TOKEN_ROUTES.items()
@@ -182,7 +183,8 @@ def start_gateway(run_dir, idp, httpbin):
             # A replaced listener drains for this long (600 s by default) before it goes away.
             extra_args = (extra_args or []) + ["--drain-time-s", "1"]
         envoy = stack.Envoy(config, run_dir, name=name, concurrency=concurrency,
-                            log_level=log_level, extra_args=extra_args, listen_port=listen_port)
+                            log_level=log_level, extra_args=extra_args, listen_port=listen_port,
+                            native_dir=native_dir)
         _started.append(envoy)
         gateway = Gateway(envoy, idp_port=idp_port)
         if lds_path:

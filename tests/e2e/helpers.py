@@ -140,18 +140,21 @@ class Gateway:
 
     def reload(self, settings: dict | None = None, vm_id: str | None = None,
                code: str | None = None) -> str:
-        """Rewrites the LDS listener with new filter settings (or a new vm_id, or other .wasm
-        code) and waits until Envoy has taken the update: returns "accepted" or "rejected"."""
+        """Rewrites the LDS listener with new filter settings (or, for the Wasm filter, a new
+        vm_id or other .wasm code) and waits until Envoy has taken the update: returns
+        "accepted" or "rejected"."""
         lds_path, listener = self.lds
         hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
-        (wasm,) = [f for f in hcm["http_filters"] if stack.is_split_token(f)]
+        (http_filter,) = [f for f in hcm["http_filters"] if stack.is_split_token(f)]
         if settings is not None:
-            value = stack.shaped_settings(json.dumps(settings))
-            wasm["typed_config"]["config"]["configuration"]["value"] = value
-        if vm_id is not None:
-            wasm["typed_config"]["config"]["vm_config"]["vm_id"] = vm_id
-        if code is not None:
-            wasm["typed_config"]["config"]["vm_config"]["code"]["local"]["filename"] = code
+            stack.set_filter_settings(http_filter, json.dumps(settings))
+        if vm_id is not None or code is not None:
+            assert stack.HOST == "wasm", "vm_id and code are the Wasm filter's"
+            vm = http_filter["typed_config"]["config"]["vm_config"]
+            if vm_id is not None:
+                vm["vm_id"] = vm_id
+            if code is not None:
+                vm["code"]["local"]["filename"] = code
         before = self.stats()
         stack.write_lds(lds_path, listener)
 

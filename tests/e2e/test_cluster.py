@@ -307,7 +307,7 @@ def test_thousands_of_clients_each_get_their_own_jwt_on_every_replica(healthy, j
         if o.answer.server != issuers[o.sub] and o.answer.server not in seen[o.sub]:
             first_elsewhere[o.answer.server] += 1
         seen[o.sub].add(o.answer.server)
-    fetched = stat_deltas(gateway_envoys, "wasmcustom.split_token.etcd.fetched", before)
+    fetched = stat_deltas(gateway_envoys, stack.stat_name("etcd.fetched"), before)
     print(f"calls served: {dict(served)}; issued by: {dict(collections.Counter(issuers.values()))}; "
           f"first calls on a replica that never saw the token: {dict(first_elsewhere)}; "
           f"etcd.fetched: {fetched}")
@@ -390,7 +390,7 @@ def test_etcd_member_kills_lose_no_issuance_token_or_revocation(healthy, recordi
         diverged = [str(e)]
     print(f"{len(outcomes)} requests in {time.monotonic() - t0:.1f} s: {dict(tally(outcomes))}")
     print(f"timeline: {[(round(t - t0, 2), name) for t, name in events]}")
-    for name in ("wasmcustom.split_token.etcd.failures", "cluster.etcd.upstream_rq_retry",
+    for name in (stack.stat_name("etcd.failures"), "cluster.etcd.upstream_rq_retry",
                  "cluster.etcd.upstream_rq_retry_overflow", "cluster.etcd.upstream_rq_per_try_timeout",
                  "cluster.etcd.upstream_rq_timeout", "cluster.etcd.lb_healthy_panic",
                  "cluster.etcd.outlier_detection.ejections_enforced_total"):

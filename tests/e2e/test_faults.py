@@ -1,6 +1,7 @@
-"""Faults around the filter: the IdP down or frozen, a live config reload, a full store, and a
-wasm VM that dies. (An IdP that resets mid-response is in the corpus: tests/corpus/
-token_responses.yaml, rows reset-*.)"""
+"""Faults around the filter: the IdP down or frozen, a live config reload, a full store, and the
+filter's code failing: a wasm VM that dies (the Wasm build), a panic in a hook (the native
+build). (An IdP that resets mid-response is in the corpus: tests/corpus/token_responses.yaml,
+rows reset-*.)"""
 
 from __future__ import annotations
 
@@ -12,10 +13,17 @@ import requests
 
 import stack
 from conftest import BASE_FILTER
-from helpers import StatDelta, free_port, refused_port
+from helpers import PROTECTED, StatDelta, free_port, h1, refused_port
 
 FAULT_WASM = stack.FAULT_WASM
 TRAP = {"x-split-token-fault": "trap"}
+
+# Tests of what only the Wasm build has: a VM (its vm_id, its code, its failure_policy).
+wasm_vm_only = pytest.mark.skipif(
+    stack.HOST == "native",
+    reason="about the Wasm VM (vm_id, code reload, trap, failure_policy); a dynamic module has no "
+           "VM: it is loaded once per process, its store is process-wide, a panic fails one "
+           "request (test_a_panic_in_a_native_hook_fails_only_that_request_closed)")
 
 
 def test_idp_down_gives_envoys_503_unchanged_and_stores_nothing(start_gateway):
@@ -68,12 +76,18 @@ def test_config_reload_keeps_live_tokens_and_applies_the_new_settings(start_gate
     # Same vm_id and code: the VM and its shared data live on, and so do the tokens.
     assert gw.call(f"Bearer {token}").status_code == 200
 
-    # An invalid config never replaces a working one.
+    # An invalid config never replaces a working one, and the log names the field.
     assert gw.reload({**BASE_FILTER, "store_slots": 0}) == "rejected"
     assert 'realm="reloaded"' in gw.call("Bearer nope").headers["www-authenticate"]
     assert gw.call(f"Bearer {token}").status_code == 200
-    assert "store_slots" in gw.envoy.log()
+    refused = [line for line in gw.envoy.log().splitlines() if "invalid configuration" in line]
+    assert refused and "store_slots" in refused[-1], refused
 
+
+@wasm_vm_only
+def test_new_filter_code_under_the_same_vm_id_keeps_the_store(start_gateway):
+    gw = start_gateway(BASE_FILTER, name="envoy-lds-code", lds=True)
+    token = gw.token()
     # New filter code under the same vm_id (an upgrade) is a new VM on the same shared data.
     vms = gw.envoy.stat("wasm.envoy.wasm.runtime.v8.created")
     assert gw.reload({**BASE_FILTER, "realm": "reloaded"}, code=str(FAULT_WASM)) == "accepted"
@@ -81,6 +95,16 @@ def test_config_reload_keeps_live_tokens_and_applies_the_new_settings(start_gate
     assert gw.call(f"Bearer {token}").status_code == 200
 
 
+def test_a_new_store_prefix_starts_an_empty_store(start_gateway):
+    gw = start_gateway(BASE_FILTER, name="envoy-lds-prefix", lds=True)
+    token = gw.token()
+    assert gw.reload({**BASE_FILTER, "store_prefix": "split-token-v2/"}) == "accepted"
+    # Documented (docs/faq.md): a new store_prefix is a new, empty store.
+    assert gw.call(f"Bearer {token}").status_code == 401
+    assert gw.call(f"Bearer {gw.token()}").status_code == 200
+
+
+@wasm_vm_only
 def test_a_new_vm_id_starts_an_empty_store(start_gateway):
     gw = start_gateway(BASE_FILTER, name="envoy-lds-vm", lds=True)
     token = gw.token()
@@ -124,6 +148,7 @@ def _trap(gw, token: str) -> requests.Response:
     return r
 
 
+@wasm_vm_only
 def test_dead_vm_with_fail_closed_refuses_everything(start_gateway):
     gw = start_gateway(name="envoy-fail-closed", customize=_fault_filter("FAIL_CLOSED"))
     token = gw.token()
@@ -139,6 +164,7 @@ def test_dead_vm_with_fail_closed_refuses_everything(start_gateway):
     assert gw.envoy.process.alive()
 
 
+@wasm_vm_only
 def test_dead_vm_with_the_shipped_fail_reload_comes_back_with_the_store(start_gateway):
     assert stack.wasm_filter(stack.load_demo_config())["failure_policy"] == "FAIL_RELOAD"
     gw = start_gateway(name="envoy-fail-reload", customize=_fault_filter())
@@ -153,3 +179,27 @@ def test_dead_vm_with_the_shipped_fail_reload_comes_back_with_the_store(start_ga
     assert gw.stats().get("wasm.split-token.vm_reload_success", 0) >= 1
     assert gw.call("Bearer nope").status_code == 401
     assert gw.call(f"Bearer {gw.token()}").status_code == 200
+
+
+@pytest.mark.skipif(stack.HOST != "native",
+                    reason="the native build's hook guard; a Wasm trap kills the VM (the dead VM "
+                           "tests above)")
+def test_a_panic_in_a_native_hook_fails_only_that_request_closed(start_gateway):
+    """Every hook of the dynamic module runs behind catch_unwind (filter/native/src/abi.rs): a
+    panic resets that one stream, nothing reaches the upstream, and Envoy, the store and every
+    other request go on. The fault-injection build panics on `x-split-token-fault: panic`."""
+    gw = start_gateway(name="envoy-native-panic", native_dir=stack.NATIVE_FAULT_DIR)
+    token = gw.token()
+    with StatDelta(gw) as d:
+        x = h1(gw.envoy.port, "GET", PROTECTED, [("Authorization", f"Bearer {token}".encode()),
+                                                ("x-split-token-fault", b"panic")])
+    assert x.status is None or x.status >= 500, x
+    assert token.encode() not in x.raw
+    assert d["cluster.httpbin.upstream_rq_total"] == 0
+    assert "split-token: panic in request_headers, stream reset" in gw.envoy.log()
+    assert "injected fault" not in gw.envoy.log()  # the payload could name request data
+    # The same worker, the same store: the token, refusals and issuance work as before.
+    assert gw.call(f"Bearer {token}").status_code == 200
+    assert gw.call("Bearer nope").status_code == 401
+    assert gw.call(f"Bearer {gw.token()}").status_code == 200
+    assert gw.envoy.process.alive()

@@ -200,6 +200,69 @@ def test_key_rotation_without_restarting_envoy(start_gateway, run_dir):
         idp.stop()
 
 
+def exact_balance(config):
+    """Envoy gives a new connection to the worker with the fewest: two connections held open
+    are on two workers, whatever the kernel would have picked."""
+    listener = config["static_resources"]["listeners"][0]
+    listener["connection_balance_config"] = {"exact_balance": {}}
+    listener["enable_reuse_port"] = False
+
+
+def connections_per_worker(gw, workers: int) -> list[int]:
+    port = gw.envoy.port
+    stats = gw.stats()
+    return [stats.get(f"listener.127.0.0.1_{port}.worker_{n}.downstream_cx_active", 0)
+            for n in range(workers)]
+
+
+def issued_on(session: requests.Session, gw, path: str = "/auth/token", **form) -> str | None:
+    """A token through `session`'s connection, or None when the filter refused to issue (a 502,
+    or a reset where the shape lets the headers go on first)."""
+    try:
+        r = gw.token_response(path=path, session=session, **form)
+    except requests.RequestException:
+        return None
+    return r.json()["access_token"] if r.status_code == 200 else None
+
+
+def test_a_key_rotated_at_the_idp_reaches_every_worker_with_the_periodic_refresh(start_gateway,
+                                                                                  run_dir):
+    """The periodic refresh alone (refresh_seconds) brings a rotated key to every worker: each
+    worker first spends its on-demand fetch of the hour (min_refetch_seconds) on a token whose
+    kid no key has, then the IdP rotates its key. The native build has a timer on the main thread
+    only; what its refresh loads reaches the worker threads' workers (issue 15)."""
+    retired = ".".join([b64url(json.dumps({"alg": "RS256", "typ": "JWT", "kid": "retired"}).encode()),
+                        b64url(json.dumps({"sub": "x", "exp": 4_000_000_000}).encode()),
+                        b64url(b"s" * 256)])
+    forged = {"match": {"path": "/forged/retired-kid"}, "route": {
+        "cluster": "httpbin", "prefix_rewrite": httpbin_base64_path({"access_token": retired})}}
+    settings = demo_settings(refresh_seconds=2, min_refetch_seconds=3600)
+    settings["token_paths"] = settings["token_paths"] + ["/forged/retired-kid"]
+    port = free_port()
+    idp = stack.start_idp(port, run_dir)
+    try:
+        gw = start_gateway(settings, idp_port=port, concurrency=2, extra_routes=[forged],
+                           customize=exact_balance)
+        sessions = [requests.Session(), requests.Session()]  # one connection each
+        before = [issued_on(s, gw, sub=f"before-{n}") for n, s in enumerate(sessions)]
+        assert all(before), before
+        assert connections_per_worker(gw, 2) == [1, 1]
+        for s in sessions:
+            assert issued_on(s, gw, path="/forged/retired-kid") is None
+        # A new IdP process generates a new signing key with a new kid.
+        idp.stop()
+        idp = stack.start_idp(port, run_dir)
+        after = [stack.wait_for(f"a token of the new key on worker connection {n}",
+                                lambda s=s, n=n: issued_on(s, gw, sub=f"after-{n}"), timeout=30)
+                 for n, s in enumerate(sessions)]
+        assert connections_per_worker(gw, 2) == [1, 1]  # both workers it was, to the end
+        for n, (old, new) in enumerate(zip(before, after)):
+            assert echoed_headers(gw.call(f"Bearer {old}"))["X-User-Id"] == f"before-{n}"
+            assert echoed_headers(gw.call(f"Bearer {new}"))["X-User-Id"] == f"after-{n}"
+    finally:
+        idp.stop()
+
+
 @pytest.mark.parametrize("alg", ["ES256", "PS256", "EdDSA"])
 def test_other_signature_algorithms_verify(start_gateway, run_dir, alg):
     port = free_port()

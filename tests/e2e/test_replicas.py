@@ -43,6 +43,10 @@ REPLICATED = {
 SPOOF_ROUTE = {"match": {"prefix": "/basic-protected-api/",
                          "headers": [{"name": "x-user-id", "string_match": {"exact": "spoofed"}}]},
                "direct_response": {"status": 418, "body": {"inline_string": "routed on a spoofed header"}}}
+# A protected path Envoy answers itself: the answer is made inside the filter's resume.
+LOCAL_PATH = "/basic-protected-api/local"
+LOCAL_ROUTE = {"match": {"path": LOCAL_PATH},
+               "direct_response": {"status": 200, "body": {"inline_string": "answered by Envoy"}}}
 
 # Every signature a client of this module was given: none may ever be found in etcd.
 ISSUED: list[str] = []
@@ -65,7 +69,8 @@ def start_replicas(start_gateway, recording_idp):
 
     def start(names: list[str], etcd, settings: dict = REPLICATED) -> list[Gateway]:
         gateways = [start_gateway(settings, concurrency=2, name=name, wait=False,
-                                  idp_port=recording_idp.port, extra_routes=[SPOOF_ROUTE],
+                                  idp_port=recording_idp.port,
+                                  extra_routes=[SPOOF_ROUTE, LOCAL_ROUTE],
                                   extra_clusters=[stack.etcd_cluster(etcd.port)])
                     for name in names]
         for gw in gateways:
@@ -289,6 +294,22 @@ def test_route_follows_the_identity_the_filter_set_after_an_etcd_lookup(abc):
     r = b.call(f"Bearer {token}", headers={"x-user-id": "spoofed"})  # B reads etcd first
     assert r.status_code == 200, f"{r.status_code} {r.text[:300]}"
     assert r.json()["headers"]["X-User-Id"] == sub
+
+
+def test_a_call_that_waited_for_etcd_gets_the_answer_envoy_makes_itself(abc):
+    """The filter lets the request go on once etcd answered; a route Envoy answers itself
+    (direct_response, or a later filter's local reply) answers inside that resume, and the
+    answer passes the filter's response hooks at once. The native build held it forever (its
+    stream was still busy with the etcd answer): every such call timed out (issue 15)."""
+    a, b, _ = abc
+    token = issue(a)
+    with StatDelta(b) as d:
+        r = b.call(f"Bearer {token}", path=LOCAL_PATH)
+    assert (r.status_code, r.text) == (200, "answered by Envoy")
+    assert d.split_token("etcd.fetched") == 1
+    # And an unknown one, refused by the filter itself after the lookup.
+    r = b.call(f"Bearer {random_signature(256)}", path=LOCAL_PATH)
+    assert r.status_code == 401, r.text
 
 
 def test_unknown_signature_is_looked_up_and_refused(abc):

@@ -20,6 +20,7 @@ use crate::module::{self, CalloutAnswer, FilterConfig, NativeFilter};
 use std::ffi::c_void;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
+use std::rc::Rc;
 use std::sync::Arc;
 
 /// `envoy_dynamic_module_type_module_buffer`: bytes the module owns, lent for one call.
@@ -770,20 +771,39 @@ fn stream_hook(
         return STOP;
     };
     let envoy = FilterEnvoy(envoy);
-    // SAFETY: `filter_module_ptr` is what `on_http_filter_new` returned (`Box::into_raw`) and
-    // Envoy passes it until `on_http_filter_destroy`, on this filter's worker thread only; it is
-    // only borrowed shared (interior state is in `RefCell`s, so a re-entrant hook is safe).
-    let filter = unsafe { &*filter_module_ptr.cast::<NativeFilter>() };
-    match catch_unwind(AssertUnwindSafe(|| f(filter, envoy))) {
+    // SAFETY: a live filter pointer (Envoy passes it from `on_http_filter_new` until
+    // `on_http_filter_destroy`, on this filter's worker thread only).
+    let filter = unsafe { filter_rc(filter_module_ptr) };
+    match catch_unwind(AssertUnwindSafe(|| f(&filter, envoy))) {
         Ok(status) => status,
         Err(_) => {
             log(
                 LOG_ERROR,
                 &format!("split-token: panic in {hook}, stream reset"),
             );
-            let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
+            if !filter.is_destroyed() {
+                let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
+            }
             STOP
         }
+    }
+}
+
+/// `Rc<NativeFilter>` from the pointer `on_http_filter_new` returned, as a reference of the
+/// hook's own: Envoy may destroy the filter inside the hook (a local reply or a reset ends the
+/// stream, and Envoy runs `on_http_filter_destroy` at once), and the filter must outlive the
+/// hook still using it. It is dropped, on this thread, when the last of them goes.
+///
+/// # Safety
+/// `ptr` must come from `Rc::into_raw` in `on_http_filter_new`, not yet destroyed, and be used
+/// on the thread that made it (Envoy calls a filter's hooks on its worker thread only).
+unsafe fn filter_rc(ptr: *const c_void) -> Rc<NativeFilter> {
+    let ptr = ptr.cast::<NativeFilter>();
+    // SAFETY: per the function's contract the Rc is alive and on its own thread; its count goes
+    // up by one, and the returned Rc gives it back when dropped.
+    unsafe {
+        Rc::increment_strong_count(ptr);
+        Rc::from_raw(ptr)
     }
 }
 
@@ -807,8 +827,23 @@ unsafe fn config_arc(ptr: *const c_void) -> Arc<FilterConfig> {
 /// The ABI version this module was written against; 1.40.0 reports "matched" for it.
 static ABI_VERSION: &[u8] = b"v0.2.0\0";
 
+/// Replaces Rust's default panic hook (of this module's own runtime: Envoy and other modules
+/// keep theirs), which prints the panic's message and a backtrace to Envoy's stderr: a message
+/// may hold request data. This one logs where it happened, never what it said; the hook's guard
+/// then logs what it did about it.
+fn quiet_panic_hook(info: &std::panic::PanicHookInfo<'_>) {
+    let at = info
+        .location()
+        .map(|l| format!(" at {}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    log(LOG_ERROR, &format!("split-token: panic{at}"));
+}
+
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const u8 {
+    guard("on_program_init", (), || {
+        std::panic::set_hook(Box::new(quiet_panic_hook));
+    });
     ABI_VERSION.as_ptr()
 }
 
@@ -915,9 +950,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     guard("on_http_filter_new", ptr::null(), || {
         // SAFETY: a live config pointer from config_new (Envoy keeps it alive for its filters).
         let config = unsafe { config_arc(filter_config_ptr) };
-        Box::into_raw(Box::new(module::filter_new(config)))
-            .cast_const()
-            .cast()
+        Rc::into_raw(Rc::new(module::filter_new(config))).cast()
     })
 }
 
@@ -927,9 +960,11 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module_ptr:
         return;
     }
     guard("on_http_filter_destroy", (), || {
-        // SAFETY: from `Box::into_raw` in filter_new; Envoy destroys each filter once, after its
-        // last hook.
-        drop(unsafe { Box::from_raw(filter_module_ptr.cast::<NativeFilter>().cast_mut()) });
+        // SAFETY: from `Rc::into_raw` in filter_new, on this worker thread; Envoy destroys each
+        // filter once: this gives back Envoy's reference. A hook still running on the filter
+        // (the one that ended the stream) holds its own, so the filter goes when that returns.
+        let filter = unsafe { Rc::from_raw(filter_module_ptr.cast::<NativeFilter>()) };
+        module::filter_destroy(&filter);
     })
 }
 

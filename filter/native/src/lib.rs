@@ -8,16 +8,18 @@
 //! - `module` (private): the core's host traits over those wrappers; per-thread workers; the
 //!   main thread's worker and its ticker.
 //! - [`store`]: the process-wide store every worker shares.
+//! - [`keys`]: the main thread's key refresh, handed to the worker threads' workers.
 //!
 //! Build: `cargo build --profile native -p split-token-native` gives
 //! `libsplit_token_native.so`; Envoy finds it through `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`
 //! (see `envoy/native/envoy.yaml`).
 //!
-//! Unit tests run without Envoy, so they build only what needs no Envoy symbol (the store):
-//! the hooks and host are exercised by the e2e suite (`pytest --host native`).
+//! Unit tests run without Envoy, so they build only what needs no Envoy symbol (the store, the
+//! key hand-over): the hooks and host are exercised by the e2e suite (`pytest --host native`).
 
 #[cfg(not(test))]
 mod abi;
+pub mod keys;
 #[cfg(not(test))]
 mod module;
 pub mod store;

@@ -10,13 +10,23 @@
 //!   the [`Stream`]s;
 //! - the main thread has one more `Worker` per config, configured when Envoy loads the config
 //!   (so a bad configuration is refused then, with its reason in Envoy's log), and ticked by a
-//!   timer thread through the config scheduler: it runs the periodic duties whose effect is
-//!   process-wide (the etcd revocation poller writes the process store).
+//!   timer thread through the config scheduler: it runs the periodic duties, the etcd revocation
+//!   poller (one per process: it writes the process store) and the key refresh, whose keys every
+//!   worker thread's worker takes over at its next stream ([`crate::keys`]);
+//! - each stream's [`NativeFilter`] is an `Rc`: Envoy may destroy the filter inside one of its
+//!   own hooks (a local reply or a reset ends the stream, and Envoy destroys its filters at
+//!   once), so each hook holds a reference of its own until it returns, and no call reaches
+//!   Envoy for a filter it destroyed;
+//! - resuming a held message is done when the core's callback has returned: Envoy runs the
+//!   rest of the filter chain inside `continue_decoding`, and a response made there (a
+//!   `direct_response` route, a local reply of a later filter) comes back to this filter's
+//!   response hooks at once, which must find the stream free.
 //!
 //! The store is process-wide ([`crate::store::STORE`]): a token split on one worker is found by
 //! every other, and a revocation is seen by all at once.
 
 use crate::abi::{self, ConfigEnvoy, FilterEnvoy, Half, Scheduler, CONTINUE, STOP};
+use crate::keys::SharedKeys;
 use crate::store::STORE;
 use split_token_core::flow::host::{Answer, Host, Level, Message, StreamHost};
 use split_token_core::flow::{self, Action, Stream, Worker};
@@ -45,6 +55,8 @@ pub struct FilterConfig {
     /// Counter ids, by `Counter::index`.
     counters: Vec<Option<usize>>,
     ticker: Mutex<Option<Ticker>>,
+    /// What the main thread's worker loaded last, for the worker threads' workers.
+    keys: SharedKeys,
 }
 
 /// A finished callout's answer, copied out of Envoy.
@@ -108,15 +120,27 @@ thread_local! {
     /// Answers to the main worker's calls that came while it was busy (a callout that failed
     /// inside the call that started it).
     static MAIN_DEFERRED: RefCell<Vec<(u64, u64, CalloutAnswer)>> = const { RefCell::new(Vec::new()) };
-    /// This worker thread's worker of each config (the config is held weakly: a replaced
-    /// config's worker goes when the next one is made).
-    static WORKERS: RefCell<HashMap<u64, (Weak<FilterConfig>, Worker)>> = RefCell::new(HashMap::new());
+    /// This worker thread's worker of each config.
+    static WORKERS: RefCell<HashMap<u64, ThreadWorker>> = RefCell::new(HashMap::new());
+}
+
+/// A worker thread's worker of one config.
+struct ThreadWorker {
+    /// Held weakly: a replaced config's worker goes when the next one is made.
+    config: Weak<FilterConfig>,
+    worker: Worker,
+    /// The load of the main thread's keys this worker took over last (see [`SharedKeys`]).
+    adopted: u64,
 }
 
 /// The host of one call into the core: the config, and the stream's Envoy filter if any.
 struct Native<'a> {
     config: &'a FilterConfig,
     filter: Option<FilterEnvoy>,
+    /// Set once Envoy destroyed the stream's filter: no call reaches it after that.
+    destroyed: Option<&'a Cell<bool>>,
+    /// The messages the core resumed, resumed once its callback returned (see the module doc).
+    resumed: RefCell<Vec<Message>>,
     /// The main thread's worker: its calls are the config's callouts, its period the ticker's.
     main: bool,
     /// Inside a body hook of this half: the received chunk is readable.
@@ -131,6 +155,8 @@ impl<'a> Native<'a> {
         Self {
             config,
             filter: None,
+            destroyed: None,
+            resumed: RefCell::new(Vec::new()),
             main,
             body_hook: None,
             answer: None,
@@ -138,11 +164,34 @@ impl<'a> Native<'a> {
         }
     }
 
-    fn stream(config: &'a FilterConfig, filter: FilterEnvoy, body_hook: Option<Half>) -> Self {
+    fn stream(native: &'a NativeFilter, filter: FilterEnvoy, body_hook: Option<Half>) -> Self {
         Self {
             filter: Some(filter),
+            destroyed: Some(&native.destroyed),
             body_hook,
-            ..Self::worker(config, false)
+            ..Self::worker(&native.config, false)
+        }
+    }
+
+    /// The stream's Envoy filter, unless there is none or Envoy destroyed it.
+    fn filter(&self) -> Option<FilterEnvoy> {
+        if self.destroyed.is_some_and(Cell::get) {
+            return None;
+        }
+        self.filter
+    }
+
+    /// Resumes what the core resumed, in order, while the filter lives.
+    fn apply_resumes(&self) {
+        let resumed = std::mem::take(&mut *self.resumed.borrow_mut());
+        for message in resumed {
+            let Some(filter) = self.filter() else {
+                return;
+            };
+            match message {
+                Message::Request => filter.continue_decoding(),
+                Message::Response => filter.continue_encoding(),
+            }
         }
     }
 }
@@ -191,7 +240,9 @@ impl Host for Native<'_> {
         let Some(Some(id)) = self.config.counters.get(counter.index()).copied() else {
             return;
         };
-        match self.filter {
+        // A config's counters are Envoy stats (thread-safe), so a stream whose filter is gone
+        // still counts.
+        match self.filter() {
             Some(filter) => filter.increment_counter(id, u64::from(n)),
             None => self.config.envoy.increment_counter(id, u64::from(n)),
         };
@@ -214,7 +265,7 @@ impl Host for Native<'_> {
         timeout: Duration,
     ) -> Result<u32, HostStatus> {
         let timeout = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
-        let id = match self.filter {
+        let id = match self.filter() {
             Some(filter) => filter.callout(cluster, &headers, body, timeout),
             None if self.main => self.config.envoy.callout(cluster, &headers, body, timeout),
             None => return Err(UNAVAILABLE),
@@ -242,11 +293,11 @@ impl Host for Native<'_> {
 
 impl StreamHost for Native<'_> {
     fn header(&self, message: Message, name: &str) -> Option<Vec<u8>> {
-        self.filter?.header(half(message), name)
+        self.filter()?.header(half(message), name)
     }
 
     fn request_header_values(&self, name: &str) -> Vec<Vec<u8>> {
-        self.filter
+        self.filter()
             .map(|f| f.header_values(Half::Request, name))
             .unwrap_or_default()
     }
@@ -257,7 +308,7 @@ impl StreamHost for Native<'_> {
         name: &str,
         value: Option<&str>,
     ) -> Result<(), HostStatus> {
-        let filter = self.filter.ok_or(UNAVAILABLE)?;
+        let filter = self.filter().ok_or(UNAVAILABLE)?;
         if filter.set_header(half(message), name, value) {
             Ok(())
         } else {
@@ -266,7 +317,7 @@ impl StreamHost for Native<'_> {
     }
 
     fn body(&self, message: Message, size: usize) -> Vec<u8> {
-        let Some(filter) = self.filter else {
+        let Some(filter) = self.filter() else {
             return Vec::new();
         };
         let in_hook = self.body_hook == Some(half(message));
@@ -277,7 +328,7 @@ impl StreamHost for Native<'_> {
 
     /// The core replaces the whole body it read (`size` is what it read).
     fn set_body(&self, message: Message, _size: usize, body: &[u8]) -> Result<(), HostStatus> {
-        let filter = self.filter.ok_or(UNAVAILABLE)?;
+        let filter = self.filter().ok_or(UNAVAILABLE)?;
         let in_hook = self.body_hook == Some(half(message));
         if filter.replace_body(half(message), in_hook, body) {
             Ok(())
@@ -292,34 +343,30 @@ impl StreamHost for Native<'_> {
         headers: Vec<(&str, &str)>,
         body: &[u8],
     ) -> Result<(), HostStatus> {
-        let filter = self.filter.ok_or(UNAVAILABLE)?;
+        let filter = self.filter().ok_or(UNAVAILABLE)?;
         filter.send_response(status, &headers, body);
         Ok(())
     }
 
     fn reset(&self) {
-        if let Some(filter) = self.filter {
+        if let Some(filter) = self.filter() {
             filter.reset();
         }
     }
 
+    /// Deferred until the core's callback returns (see [`Native::apply_resumes`]).
     fn resume(&self, message: Message) {
-        if let Some(filter) = self.filter {
-            match message {
-                Message::Request => filter.continue_decoding(),
-                Message::Response => filter.continue_encoding(),
-            }
-        }
+        self.resumed.borrow_mut().push(message);
     }
 
     fn clear_route_cache(&self) {
-        if let Some(filter) = self.filter {
+        if let Some(filter) = self.filter() {
             filter.clear_route_cache();
         }
     }
 
     fn response_code_details(&self) -> Option<Vec<u8>> {
-        self.filter?.response_code_details()
+        self.filter()?.response_code_details()
     }
 }
 
@@ -338,6 +385,7 @@ pub fn config_new(envoy: ConfigEnvoy, _name: &[u8], bytes: &[u8]) -> Option<Arc<
         envoy,
         counters,
         ticker: Mutex::new(None),
+        keys: SharedKeys::default(),
     });
     let host = Native::worker(&config, true);
     let mut worker = Worker::default();
@@ -426,6 +474,7 @@ pub fn config_callout_done(config: &FilterConfig, callout: u64, answer: CalloutA
         if let Ok(mut workers) = m.try_borrow_mut() {
             if let Some(worker) = workers.get_mut(&config.id) {
                 worker.on_call_answer(&host, token, sizes);
+                config.keys.publish_from(worker);
             }
         }
     });
@@ -440,41 +489,62 @@ pub struct NativeFilter {
     /// Callout answers that came while a hook was running (a callout failing inside the call
     /// that started it): delivered as that hook ends.
     deferred: RefCell<Vec<(u64, CalloutAnswer)>>,
+    /// Envoy destroyed this filter (possibly inside one of its hooks, which still holds it).
+    destroyed: Cell<bool>,
 }
 
-/// A new stream (worker thread): its `Stream` from this thread's worker of the config.
+/// A new stream (worker thread): its `Stream` from this thread's worker of the config, which
+/// first takes over keys the main thread's worker loaded since its last stream.
 pub fn filter_new(config: Arc<FilterConfig>) -> NativeFilter {
     let stream = WORKERS.with(|w| {
         let mut workers = w.try_borrow_mut().ok()?;
         if !workers.contains_key(&config.id) {
-            workers.retain(|_, (config, _)| config.strong_count() > 0);
+            workers.retain(|_, t| t.config.strong_count() > 0);
             let mut worker = Worker::default();
             // Parsed and accepted on the main thread already: this cannot fail but for the
             // store, and then the stream is refused.
             let _ = worker.configure(&Native::worker(&config, false), &config.bytes);
-            workers.insert(config.id, (Arc::downgrade(&config), worker));
+            let thread_worker = ThreadWorker {
+                config: Arc::downgrade(&config),
+                worker,
+                adopted: 0,
+            };
+            workers.insert(config.id, thread_worker);
         }
-        workers
-            .get(&config.id)
-            .and_then(|(_, worker)| worker.stream())
+        let t = workers.get_mut(&config.id)?;
+        config.keys.adopt_into(&t.worker, &mut t.adopted);
+        t.worker.stream()
     });
     NativeFilter {
         config,
         stream: RefCell::new(stream),
         deferred: RefCell::new(Vec::new()),
+        destroyed: Cell::new(false),
     }
 }
 
+/// Envoy destroyed the filter: a hook still running on it (the one whose local reply or reset
+/// ended the stream) makes no further call to Envoy for it.
+pub fn filter_destroy(filter: &NativeFilter) {
+    filter.destroyed.set(true);
+}
+
 impl NativeFilter {
-    /// Runs one callback of the core with this stream's host. Not re-entrant: a hook that comes
-    /// while another runs (only a callout's answer can) is deferred to its end.
+    /// Whether Envoy destroyed this filter.
+    pub fn is_destroyed(&self) -> bool {
+        self.destroyed.get()
+    }
+
+    /// Runs one callback of the core with this stream's host. Not re-entrant: a callout's
+    /// answer that comes while another callback runs is deferred to its end; a hook that comes
+    /// back while messages are resumed finds the stream free.
     fn run(
         &self,
         envoy: FilterEnvoy,
         body_hook: Option<Half>,
         f: impl FnOnce(&mut Stream, &Native<'_>) -> Action,
     ) -> u32 {
-        let host = Native::stream(&self.config, envoy, body_hook);
+        let host = Native::stream(self, envoy, body_hook);
         let action = {
             let Ok(mut stream) = self.stream.try_borrow_mut() else {
                 return STOP;
@@ -484,14 +554,24 @@ impl NativeFilter {
                 None => flow::refuse_unconfigured(&host),
             }
         };
-        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
-        for (callout, answer) in deferred {
-            self.callout_done(envoy, callout, answer);
-        }
+        host.apply_resumes();
+        self.deliver_deferred(envoy);
         status(action)
     }
 
+    fn deliver_deferred(&self, envoy: FilterEnvoy) {
+        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
+        for (callout, answer) in deferred {
+            if self.is_destroyed() {
+                return;
+            }
+            self.callout_done(envoy, callout, answer);
+        }
+    }
+
     pub fn request_headers(&self, envoy: FilterEnvoy, end_of_stream: bool) -> u32 {
+        #[cfg(feature = "fault-injection")]
+        fault(envoy);
         self.run(envoy, None, |s, h| s.on_request_headers(h, end_of_stream))
     }
 
@@ -537,27 +617,44 @@ impl NativeFilter {
     }
 
     pub fn callout_done(&self, envoy: FilterEnvoy, callout: u64, answer: CalloutAnswer) {
-        {
-            let Ok(mut guard) = self.stream.try_borrow_mut() else {
-                self.deferred.borrow_mut().push((callout, answer));
-                return;
-            };
-            let (Some(stream), Ok(token)) = (guard.as_mut(), u32::try_from(callout)) else {
-                return;
-            };
-            let host = Native {
-                answer: Some(&answer),
-                ..Native::stream(&self.config, envoy, None)
-            };
-            stream.on_call_answer(&host, token, answer.sizes());
+        if self.is_destroyed() {
+            return;
         }
-        let deferred = std::mem::take(&mut *self.deferred.borrow_mut());
-        for (callout, answer) in deferred {
-            self.callout_done(envoy, callout, answer);
-        }
+        let Ok(mut guard) = self.stream.try_borrow_mut() else {
+            self.deferred.borrow_mut().push((callout, answer));
+            return;
+        };
+        let (Some(stream), Ok(token)) = (guard.as_mut(), u32::try_from(callout)) else {
+            return;
+        };
+        let host = Native {
+            answer: Some(&answer),
+            ..Native::stream(self, envoy, None)
+        };
+        stream.on_call_answer(&host, token, answer.sizes());
+        drop(guard);
+        host.apply_resumes();
+        self.deliver_deferred(envoy);
     }
 
     fn unconfigured(&self) -> bool {
         matches!(self.stream.try_borrow().as_deref(), Ok(None))
+    }
+}
+
+/// Test builds only (`just build-fault`): `x-split-token-fault: panic` panics inside the request
+/// headers hook, so the e2e suite can show that the hook's guard fails that one request closed
+/// while Envoy and every other stream go on.
+#[cfg(feature = "fault-injection")]
+fn fault(envoy: FilterEnvoy) {
+    if envoy
+        .header(Half::Request, "x-split-token-fault")
+        .as_deref()
+        == Some(b"panic")
+    {
+        #[allow(clippy::panic)] // the fault this build injects
+        {
+            panic!("injected fault");
+        }
     }
 }

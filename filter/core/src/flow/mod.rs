@@ -26,7 +26,7 @@ mod stream;
 mod worker;
 
 pub use stream::Stream;
-pub use worker::Worker;
+pub use worker::{LoadedKeys, Worker};
 
 use host::StreamHost;
 

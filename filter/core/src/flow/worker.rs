@@ -12,6 +12,7 @@ use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocati
 use crate::stats::Counter;
 use crate::store::cache::LocalCache;
 use crate::store::{HostStatus, Store};
+use crate::token::verify::KeySet;
 use crate::Config;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -29,6 +30,29 @@ pub(crate) struct Shared {
     /// etcd lookups under way on this worker (kept across configurations: the lookups of an
     /// older one still count until they end).
     pub(crate) lookups: Rc<Cell<u32>>,
+}
+
+/// Verification keys a worker loaded, as another worker of the same configuration takes them
+/// over ([`Worker::adopt_keys`]).
+///
+/// proxy-wasm gives every worker a timer, so each refreshes its own keys. Envoy's dynamic
+/// modules have no per-worker timer: only the main thread's worker is ticked, and the native
+/// adapter hands what its periodic refresh loaded to the workers of the worker threads. A
+/// worker's on-demand fetches (an unknown `kid`) stay its own, as in the Wasm build.
+#[derive(Clone, Debug)]
+pub struct LoadedKeys {
+    keys: KeySet,
+    jwks_path: String,
+    loaded_at: u64,
+    /// The loading worker's [`KeyState::loads`] when these were loaded.
+    load: u64,
+}
+
+impl LoadedKeys {
+    /// Which load of the worker that loaded them these are (see [`Worker::keys_loads`]).
+    pub fn load(&self) -> u64 {
+        self.load
+    }
 }
 
 /// One worker: its configuration and its own calls (key refreshes, revocation polls).
@@ -119,6 +143,50 @@ impl Worker {
     /// The configuration in force, if one was accepted.
     pub fn config(&self) -> Option<&Config> {
         self.shared.as_deref().map(|s| &s.config)
+    }
+
+    /// How many times this worker's keys were replaced since its configuration (0: never; keys
+    /// given inline in the configuration do not count). Cheap: a host compares it after each of
+    /// the worker's calls to see whether [`Self::loaded_keys`] has something new.
+    pub fn keys_loads(&self) -> u64 {
+        self.shared.as_ref().map_or(0, |s| s.keys.borrow().loads)
+    }
+
+    /// The keys this worker loaded last, if it loaded any (a copy: key sets are small).
+    pub fn loaded_keys(&self) -> Option<LoadedKeys> {
+        let shared = self.shared.as_ref()?;
+        let keys = shared.keys.borrow();
+        if keys.loads == 0 {
+            return None;
+        }
+        Some(LoadedKeys {
+            keys: keys.keys.clone()?,
+            jwks_path: keys.jwks_path.clone()?,
+            loaded_at: keys.loaded_at,
+            load: keys.loads,
+        })
+    }
+
+    /// Takes over keys another worker of the same configuration loaded, as if this worker had
+    /// fetched them itself at that time. `false` (nothing changed) when this worker verifies
+    /// against no remote JWKS, so keys of another configuration can never replace inline ones.
+    pub fn adopt_keys(&self, keys: &LoadedKeys) -> bool {
+        let Some(shared) = self.shared.as_ref() else {
+            return false;
+        };
+        let remote = shared
+            .config
+            .verify
+            .as_ref()
+            .is_some_and(|v| matches!(v.source, KeySource::Remote { .. }));
+        if !remote {
+            return false;
+        }
+        shared
+            .keys
+            .borrow_mut()
+            .loaded(keys.keys.clone(), keys.jwks_path.clone(), keys.loaded_at);
+        true
     }
 
     /// The state of a new HTTP exchange; `None` while no configuration was accepted (the

@@ -160,6 +160,9 @@ pub struct KeyState {
     pub periodic_in_flight: bool,
     /// No periodic fetch before this time (backoff after a failure).
     pub next_attempt_at: u64,
+    /// How many times the keys were replaced: a host that shares one worker's keys with others
+    /// hands them on when this moves (see `flow::Worker::loaded_keys`).
+    pub loads: u64,
 }
 
 impl KeyState {
@@ -204,6 +207,7 @@ impl KeyState {
         self.keys = Some(keys);
         self.jwks_path = Some(jwks_path);
         self.loaded_at = now;
+        self.loads = self.loads.wrapping_add(1);
     }
 }
 

@@ -1,8 +1,11 @@
 //! The worker's own duties: key refresh on its tick, the revocation poller.
 
 use super::*;
+use jwt_compact::jwk::JsonWebKey;
+use serde_json::Value;
 use split_token_core::replicas::etcd::marker_key;
 use split_token_core::token::Signature;
+use std::rc::Rc;
 use std::time::Duration;
 
 #[test]
@@ -68,4 +71,79 @@ fn an_unconfigured_worker_refuses_requests() {
     assert!(!worker.configure(&*world, b"{\"store_slots\": 0}"));
     assert!(worker.stream().is_none());
     assert!(world.logged("invalid configuration"));
+}
+
+/// The JWKS of the key of `seed`, as `k1`.
+fn jwks_of(seed: u8) -> String {
+    let mut key = serde_json::to_value(JsonWebKey::from(&key_pair(seed).pk)).unwrap();
+    key["kid"] = json!("k1");
+    json!({ "keys": [key] }).to_string()
+}
+
+#[test]
+fn a_worker_without_a_timer_takes_over_what_the_ticked_worker_loaded() {
+    // Envoy's dynamic modules tick only the main thread's worker (issue 15): the native adapter
+    // hands its periodic refresh to the workers of the worker threads.
+    let settings = config(json!({"verify": verify()}));
+    let mut main = Proxy::new(&settings);
+    let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
+    assert_eq!(main.worker.keys_loads(), 0);
+    assert!(main.worker.loaded_keys().is_none());
+    main.tick();
+    let call = main.world.take_calls().remove(0);
+    main.answer(call.token, Some("200"), &jwks());
+    assert_eq!(main.worker.keys_loads(), 1);
+    let keys = main.worker.loaded_keys().unwrap();
+    assert_eq!(keys.load(), 1);
+    assert!(worker.worker.adopt_keys(&keys));
+    // Issued at once, without a fetch of its own.
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt("alice"))),
+        Action::Continue
+    );
+    assert!(main.world.take_calls().is_empty());
+
+    // The IdP rotates its key; the next periodic refresh loads it, and the worker with it.
+    main.world.advance(Duration::from_secs(301));
+    main.tick();
+    let call = main.world.take_calls().remove(0);
+    main.answer(call.token, Some("200"), &jwks_of(2));
+    let keys = main.worker.loaded_keys().unwrap();
+    assert_eq!((main.worker.keys_loads(), keys.load()), (2, 2));
+    assert!(worker.worker.adopt_keys(&keys));
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
+        Action::Continue
+    );
+    assert!(main.world.take_calls().is_empty());
+    assert_eq!(main.world.counter(Counter::KeysFetched), 2);
+}
+
+#[test]
+fn keys_never_replace_inline_ones() {
+    let main = Proxy::new(&config(json!({"verify": verify()})));
+    let inline = Proxy::in_world(
+        Rc::clone(&main.world),
+        &config(
+            json!({"verify": {"jwks": serde_json::from_str::<Value>(&jwks()).unwrap(),
+                                   "algorithms": ["EdDSA"]}}),
+        ),
+    );
+    // Inline keys are there from the start but were never loaded.
+    assert_eq!(inline.worker.keys_loads(), 0);
+    assert!(inline.worker.loaded_keys().is_none());
+    let mut other = Proxy::new(&config(json!({"verify": verify()})));
+    other.tick();
+    let call = other.world.take_calls().remove(0);
+    other.answer(call.token, Some("200"), &jwks_of(2));
+    let keys = other.worker.loaded_keys().unwrap();
+    assert!(!inline.worker.adopt_keys(&keys));
+    // Still the inline key's tokens, and not the other's.
+    let (mut ex, _) = token_exchange(&inline);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt("alice"))),
+        Action::Continue
+    );
 }
