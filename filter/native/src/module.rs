@@ -579,8 +579,13 @@ impl NativeFilter {
         if self.unconfigured() {
             return STOP;
         }
-        let size = envoy.body_size(Half::Request, true);
         self.run(envoy, Some(Half::Request), |s, h| {
+            // The size costs a call into Envoy: asked only when the flow reads this body.
+            let size = if s.reads_body(Message::Request) {
+                envoy.body_size(Half::Request, true)
+            } else {
+                0
+            };
             s.on_request_body(h, size, end_of_stream)
         })
     }
@@ -603,8 +608,12 @@ impl NativeFilter {
         if self.unconfigured() {
             return CONTINUE;
         }
-        let size = envoy.body_size(Half::Response, true);
         self.run(envoy, Some(Half::Response), |s, h| {
+            let size = if s.reads_body(Message::Response) {
+                envoy.body_size(Half::Response, true)
+            } else {
+                0
+            };
             s.on_response_body(h, size, end_of_stream)
         })
     }

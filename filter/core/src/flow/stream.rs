@@ -1145,6 +1145,16 @@ impl Stream {
         }
     }
 
+    /// Whether the flow reads the body of `message` in this exchange's state (a token response
+    /// being split, a revocation or introspection request): a host may skip measuring a body
+    /// the flow lets go by (the body callbacks then ignore the size they are given).
+    pub fn reads_body(&self, message: Message) -> bool {
+        match message {
+            Message::Request => matches!(self.state, State::Revocation | State::Introspection),
+            Message::Response => self.state == State::Buffering,
+        }
+    }
+
     pub fn on_request_body<H: StreamHost>(
         &mut self,
         h: &H,
