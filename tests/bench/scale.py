@@ -121,15 +121,28 @@ class Rig:
         subprocess.run(["taskset", "-apc", "0", str(self.envoy.process.proc.pid)], check=True, capture_output=True)
 
     def issue(self, n: int):
-        with tempfile.NamedTemporaryFile() as form:
-            form.write(b"grant_type=client_credentials")
-            form.flush()
-            out = subprocess.run(["taskset", "-c", "1", "h2load", "-n", str(n), "-c", "32", "-m", "4", "-t", "1",
-                                  "-d", form.name, self.envoy.url + "/token"],
-                                 capture_output=True, text=True, check=True).stdout
-        done = re.search(r"(\d+) succeeded", out)
-        if not done or int(done.group(1)) != n:
-            raise RuntimeError(f"issuing {n} tokens failed:\n{out}")
+        """Issues n tokens. A burst of answers that failed together (once seen in CI: all 128
+        streams in flight at one moment answered 5xx, not reproduced since) is reported with
+        Envoy's counters, and only the missing tokens are asked for again, twice at most; the
+        caller still checks that the filter split exactly n."""
+        missing = n
+        for attempt in range(3):
+            with tempfile.NamedTemporaryFile() as form:
+                form.write(b"grant_type=client_credentials")
+                form.flush()
+                out = subprocess.run(["taskset", "-c", "1", "h2load", "-n", str(missing), "-c", "32", "-m", "4",
+                                      "-t", "1", "-d", form.name, self.envoy.url + "/token"],
+                                     capture_output=True, text=True, check=True).stdout
+            done = re.search(r"(\d+) succeeded", out)
+            missing -= int(done.group(1)) if done else 0
+            if missing == 0:
+                return
+            stats = {k: v for k, v in self.envoy.stats().items()
+                     if "split_token" in k or ("cluster.tokens." in k and ("5xx" in k or "reset" in k
+                                                                           or "destroy" in k or "timeout" in k))}
+            print(f"scale: {missing} of {n} token requests failed (attempt {attempt + 1}):\n{out}\n"
+                  f"{json.dumps(stats, indent=1)}", file=sys.stderr)
+        raise RuntimeError(f"issuing {n} tokens failed: {missing} missing after 3 attempts")
 
     def stop(self):
         self.envoy.stop()

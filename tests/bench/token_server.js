@@ -23,13 +23,15 @@ function token(i) {
   return `${signed}.${sig}`;
 }
 
-http
-  .createServer((req, res) => {
+const server = http.createServer((req, res) => {
     req.resume();
     req.on('end', () => {
       const body = JSON.stringify({ access_token: token(n++), token_type: 'Bearer', expires_in: 3600 });
       res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
       res.end(body);
     });
-  })
-  .listen(Number(port), '127.0.0.1', () => console.log(`token server on ${port}`));
+  });
+// Longer than Envoy keeps an idle upstream connection (1 h): Node's default of 5 s would close
+// connections Envoy is about to reuse, and those requests would fail with a reset.
+server.keepAliveTimeout = 3_700_000;
+server.listen(Number(port), '127.0.0.1', () => console.log(`token server on ${port}`));
