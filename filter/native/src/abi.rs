@@ -767,26 +767,44 @@ fn stream_hook(
     filter_module_ptr: *const c_void,
     f: impl FnOnce(&NativeFilter, FilterEnvoy) -> u32,
 ) -> u32 {
-    let (Some(envoy), false) = (NonNull::new(filter_envoy_ptr), filter_module_ptr.is_null()) else {
+    let Some(envoy) = NonNull::new(filter_envoy_ptr).map(FilterEnvoy) else {
         return STOP;
     };
-    let envoy = FilterEnvoy(envoy);
+    if filter_module_ptr.is_null() {
+        // `on_http_filter_new` failed (its guard returned null): no filter to decide, and a
+        // stopped stream would only hang until Envoy's timeouts. Fail closed at once.
+        let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
+        return STOP;
+    }
     // SAFETY: a live filter pointer (Envoy passes it from `on_http_filter_new` until
     // `on_http_filter_destroy`, on this filter's worker thread only).
     let filter = unsafe { filter_rc(filter_module_ptr) };
-    match catch_unwind(AssertUnwindSafe(|| f(&filter, envoy))) {
-        Ok(status) => status,
-        Err(_) => {
-            log(
-                LOG_ERROR,
-                &format!("split-token: panic in {hook}, stream reset"),
-            );
-            if !filter.is_destroyed() {
-                let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
-            }
-            STOP
+    let status = if filter.is_poisoned() {
+        // An earlier hook panicked half way through a step: nothing may act on that state.
+        if !filter.is_destroyed() {
+            let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
         }
-    }
+        STOP
+    } else {
+        match catch_unwind(AssertUnwindSafe(|| f(&filter, envoy))) {
+            Ok(status) => status,
+            Err(_) => {
+                log(
+                    LOG_ERROR,
+                    &format!("split-token: panic in {hook}, stream reset"),
+                );
+                filter.poison();
+                if !filter.is_destroyed() {
+                    let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
+                }
+                STOP
+            }
+        }
+    };
+    // The hook's reference may be the last (Envoy destroyed the filter inside the hook): its
+    // drop frees the stream, inside a guard too.
+    let _ = catch_unwind(AssertUnwindSafe(move || drop(filter)));
+    status
 }
 
 /// `Rc<NativeFilter>` from the pointer `on_http_filter_new` returned, as a reference of the

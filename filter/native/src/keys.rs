@@ -36,8 +36,14 @@ impl SharedKeys {
         let load = keys.load();
         // A poisoned lock only means a thread panicked holding it (caught at the FFI edge); the
         // slot holds a whole value either way.
-        *self.keys.lock().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(keys));
+        let old = self
+            .keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace(Arc::new(keys));
         self.published.store(load, Ordering::Release);
+        // Freed after the lock is released: a worker taking the keys never waits for it.
+        drop(old);
     }
 
     /// On a worker thread, for each new stream: hands `worker` the published keys if they are

@@ -17,6 +17,10 @@
 //! Unit tests run without Envoy, so they build only what needs no Envoy symbol (the store, the
 //! key hand-over): the hooks and host are exercised by the e2e suite (`pytest --host native`).
 
+// Every hook's guard relies on unwinding: a build that aborts on panic would take Envoy down.
+#[cfg(panic = "abort")]
+compile_error!("the native module needs panic = \"unwind\": build it with `--profile native`");
+
 #[cfg(not(test))]
 mod abi;
 pub mod keys;

@@ -397,28 +397,48 @@ pub fn config_new(envoy: ConfigEnvoy, _name: &[u8], bytes: &[u8]) -> Option<Arc<
         return None;
     }
     if let Some(period) = host.tick.get() {
-        start_ticker(&config, period);
+        // Without the timer no revocation made on another replica would ever be applied here:
+        // with etcd, refuse the config rather than run with that hole. (Without etcd the keys
+        // are still fetched on demand by each worker.)
+        if !start_ticker(&config, period) && worker.config().is_some_and(|c| c.etcd.is_some()) {
+            return None;
+        }
     }
     MAIN.with(|m| m.borrow_mut().insert(config.id, worker));
     Some(config)
 }
 
-fn start_ticker(config: &FilterConfig, period: Duration) {
+/// The config crosses threads as a raw pointer, where the compiler cannot check it: check here.
+const _: () = {
+    const fn shared_by_threads<T: Send + Sync>() {}
+    shared_by_threads::<FilterConfig>();
+};
+
+/// Starts the main thread's timer; `false` if it could not be started (logged).
+fn start_ticker(config: &FilterConfig, period: Duration) -> bool {
     if abi::is_validation_mode() {
-        return;
+        return true;
     }
     let Some(scheduler) = config.envoy.scheduler() else {
         abi::log(
-            abi::LOG_WARN,
-            "split-token: no scheduler: periodic duties off",
+            abi::LOG_ERROR,
+            "split-token: Envoy gave no scheduler: no periodic key refresh, no revocation poller",
         );
-        return;
+        return false;
     };
     let mut ticker = config.ticker.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(old) = ticker.take() {
         old.stop();
     }
     *ticker = Ticker::start(scheduler, period);
+    if ticker.is_none() {
+        abi::log(
+            abi::LOG_ERROR,
+            "split-token: cannot start the timer thread: no periodic key refresh, no revocation poller",
+        );
+        return false;
+    }
+    true
 }
 
 pub fn config_destroy(config: &FilterConfig) {
@@ -491,6 +511,9 @@ pub struct NativeFilter {
     deferred: RefCell<Vec<(u64, CalloutAnswer)>>,
     /// Envoy destroyed this filter (possibly inside one of its hooks, which still holds it).
     destroyed: Cell<bool>,
+    /// A hook of this stream panicked: its `Stream` may be half way through a step, so no later
+    /// hook may act on it (each resets the stream instead).
+    poisoned: Cell<bool>,
 }
 
 /// A new stream (worker thread): its `Stream` from this thread's worker of the config, which
@@ -520,6 +543,7 @@ pub fn filter_new(config: Arc<FilterConfig>) -> NativeFilter {
         stream: RefCell::new(stream),
         deferred: RefCell::new(Vec::new()),
         destroyed: Cell::new(false),
+        poisoned: Cell::new(false),
     }
 }
 
@@ -533,6 +557,15 @@ impl NativeFilter {
     /// Whether Envoy destroyed this filter.
     pub fn is_destroyed(&self) -> bool {
         self.destroyed.get()
+    }
+
+    /// After a panic in one of this stream's hooks.
+    pub fn poison(&self) {
+        self.poisoned.set(true);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.get()
     }
 
     /// Runs one callback of the core with this stream's host. Not re-entrant: a callout's
