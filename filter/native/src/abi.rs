@@ -773,38 +773,43 @@ fn stream_hook(
     if filter_module_ptr.is_null() {
         // `on_http_filter_new` failed (its guard returned null): no filter to decide, and a
         // stopped stream would only hang until Envoy's timeouts. Fail closed at once.
-        let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
+        reset(envoy);
         return STOP;
     }
     // SAFETY: a live filter pointer (Envoy passes it from `on_http_filter_new` until
     // `on_http_filter_destroy`, on this filter's worker thread only).
     let filter = unsafe { filter_rc(filter_module_ptr) };
-    let status = if filter.is_poisoned() {
-        // An earlier hook panicked half way through a step: nothing may act on that state.
-        if !filter.is_destroyed() {
-            let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
-        }
-        STOP
+    // After a panic in an earlier hook, nothing may act on the state it left half way.
+    let decided = if filter.is_poisoned() {
+        None
     } else {
         match catch_unwind(AssertUnwindSafe(|| f(&filter, envoy))) {
-            Ok(status) => status,
+            Ok(status) => Some(status),
             Err(_) => {
                 log(
                     LOG_ERROR,
                     &format!("split-token: panic in {hook}, stream reset"),
                 );
                 filter.poison();
-                if !filter.is_destroyed() {
-                    let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
-                }
-                STOP
+                None
             }
         }
     };
+    let status = decided.unwrap_or_else(|| {
+        if !filter.is_destroyed() {
+            reset(envoy);
+        }
+        STOP
+    });
     // The hook's reference may be the last (Envoy destroyed the filter inside the hook): its
     // drop frees the stream, inside a guard too.
     let _ = catch_unwind(AssertUnwindSafe(move || drop(filter)));
     status
+}
+
+/// Resets a stream to fail it closed, itself behind a guard.
+fn reset(envoy: FilterEnvoy) {
+    let _ = catch_unwind(AssertUnwindSafe(|| envoy.reset()));
 }
 
 /// `Rc<NativeFilter>` from the pointer `on_http_filter_new` returned, as a reference of the

@@ -613,13 +613,7 @@ impl NativeFilter {
             return STOP;
         }
         self.run(envoy, Some(Half::Request), |s, h| {
-            // The size costs a call into Envoy: asked only when the flow reads this body.
-            let size = if s.reads_body(Message::Request) {
-                envoy.body_size(Half::Request, true)
-            } else {
-                0
-            };
-            s.on_request_body(h, size, end_of_stream)
+            s.on_request_body(h, body_size(s, envoy, Message::Request), end_of_stream)
         })
     }
 
@@ -642,12 +636,7 @@ impl NativeFilter {
             return CONTINUE;
         }
         self.run(envoy, Some(Half::Response), |s, h| {
-            let size = if s.reads_body(Message::Response) {
-                envoy.body_size(Half::Response, true)
-            } else {
-                0
-            };
-            s.on_response_body(h, size, end_of_stream)
+            s.on_response_body(h, body_size(s, envoy, Message::Response), end_of_stream)
         })
     }
 
@@ -687,6 +676,16 @@ impl NativeFilter {
 /// Test builds only (`just build-fault`): `x-split-token-fault: panic` panics inside the request
 /// headers hook, so the e2e suite can show that the hook's guard fails that one request closed
 /// while Envoy and every other stream go on.
+/// The buffered body's size, for a body hook: a call into Envoy, made only when the flow reads
+/// that body (0 otherwise, which the flow then ignores).
+fn body_size(stream: &Stream, envoy: FilterEnvoy, message: Message) -> usize {
+    if stream.reads_body(message) {
+        envoy.body_size(half(message), true)
+    } else {
+        0
+    }
+}
+
 #[cfg(feature = "fault-injection")]
 fn fault(envoy: FilterEnvoy) {
     if envoy
@@ -696,7 +695,7 @@ fn fault(envoy: FilterEnvoy) {
     {
         #[allow(clippy::panic)] // the fault this build injects
         {
-            panic!("injected fault");
+            panic!("injected fault"); // allow-panic: fault-injection builds only
         }
     }
 }

@@ -1146,8 +1146,8 @@ impl Stream {
     }
 
     /// Whether the flow reads the body of `message` in this exchange's state (a token response
-    /// being split, a revocation or introspection request): a host may skip measuring a body
-    /// the flow lets go by (the body callbacks then ignore the size they are given).
+    /// being split, a revocation or introspection request): the body and trailer callbacks let
+    /// every other body go by, so a host may skip measuring it (the size is then ignored).
     pub fn reads_body(&self, message: Message) -> bool {
         match message {
             Message::Request => matches!(self.state, State::Revocation | State::Introspection),
@@ -1165,7 +1165,7 @@ impl Stream {
             // Held until etcd answers: a body going on would take the headers with it.
             return Action::Pause;
         }
-        if !matches!(self.state, State::Revocation | State::Introspection) {
+        if !self.reads_body(Message::Request) {
             return Action::Continue;
         }
         if body_size > revoke::MAX_REVOCATION_BODY {
@@ -1196,7 +1196,7 @@ impl Stream {
         if let State::Waiting(_) | State::Abandoned = self.state {
             return Action::Pause;
         }
-        if !matches!(self.state, State::Revocation | State::Introspection) {
+        if !self.reads_body(Message::Request) {
             return Action::Continue;
         }
         self.finish_request_body(h, self.body_size)
@@ -1211,7 +1211,7 @@ impl Stream {
         if let State::Waiting(_) = self.state {
             return Action::Pause;
         }
-        if self.state != State::Buffering {
+        if !self.reads_body(Message::Response) {
             return Action::Continue;
         }
         self.body_size = body_size;
@@ -1231,7 +1231,7 @@ impl Stream {
         if let State::Waiting(_) = self.state {
             return Action::Pause;
         }
-        if self.state != State::Buffering {
+        if !self.reads_body(Message::Response) {
             return Action::Continue;
         }
         self.finish_split(h)
