@@ -166,11 +166,9 @@ def wrk_hits(url: str, signatures: list[str], seconds: int) -> tuple[float, int,
 def scale_point(run_dir: Path, n: int, build: str = "wasm") -> tuple[Rig, dict, list[str]]:
     """Starts a rig, issues n tokens through it; returns it with its figures and a sample of
     signatures to call with."""
-    # The sizing rules (docs/config.md): wasm, a power of two >= n/2 slots of 8 (a write copies
-    # its slot through the VM boundary: keep slots small); native, >= n/8 slots of 32 (a slot
-    # costs the process map about 130 bytes: fewer, fuller slots keep a token near
-    # header.payload + 64 bytes).
-    per_slot, capacity = (8, 32) if build == "native" else (2, 8)
+    # The sizing rule (docs/config.md): a power of two >= n/2 slots of 8. The native build keeps
+    # tokens in a map, not slots: the same settings give it room for store_slots x slot_capacity.
+    per_slot, capacity = 2, 8
     slots = 1 << max(4, (max(n // per_slot, 1) - 1).bit_length())
     exp = int(time.time()) + 7200
     settings = {"token_paths": ["/token"], "store_slots": slots, "slot_capacity": capacity,

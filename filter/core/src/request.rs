@@ -3,7 +3,7 @@
 use crate::config::{Config, FullJwtPolicy};
 use crate::stats::Counter;
 use crate::store::cache::{Forward, LocalCache};
-use crate::store::{find, Lookup, SharedData, Store, StoreError};
+use crate::store::{Lookup, StoreError, TokenStore};
 use crate::token::{Presented, Signature};
 use std::rc::Rc;
 
@@ -133,9 +133,9 @@ impl Verdict {
 /// shared store.
 ///
 /// `dpop_proof` is the `DPoP` request header, read only for the `DPoP` scheme.
-pub fn authorize<H: SharedData>(
+pub fn authorize<S: TokenStore>(
     config: &Config,
-    store: &Store<'_, H>,
+    store: &S,
     cache: &mut LocalCache,
     authorization: Option<&[u8]>,
     dpop_proof: impl FnOnce() -> Option<Vec<u8>>,
@@ -173,14 +173,14 @@ pub fn authorize<H: SharedData>(
     })
 }
 
-fn epoch_of<H: SharedData>(store: &Store<'_, H>) -> Result<u64, (Rejection, StoreError)> {
+fn epoch_of<S: TokenStore>(store: &S) -> Result<u64, (Rejection, StoreError)> {
     store.epoch().map_err(|e| (Rejection::StoreUnavailable, e))
 }
 
 /// The forward for a well-formed signature: the worker's cache first, then the shared store.
-pub(crate) fn lookup<H: SharedData>(
+pub(crate) fn lookup<S: TokenStore>(
     config: &Config,
-    store: &Store<'_, H>,
+    store: &S,
     cache: &mut LocalCache,
     signature: Signature<'_>,
     now: u64,
@@ -202,43 +202,51 @@ pub(crate) fn lookup<H: SharedData>(
         cache.sync(epoch_of(store)?);
     }
     let key = signature.store_key();
-    let slot = store
-        .fetch_slot(&key)
+    // Built while the entry is borrowed (a native store's shard stays locked meanwhile: one
+    // payload decode and one copy into the rebuilt value).
+    let built = store
+        .lookup(&key, now, |found| {
+            let (header_payload, expires_at) = match found {
+                Ok(Lookup::Hit {
+                    header_payload,
+                    expires_at,
+                }) => (header_payload, expires_at),
+                Ok(Lookup::Expired) => return Err(Rejection::Expired),
+                Ok(Lookup::Miss) | Err(_) => return Err(Rejection::Unknown),
+            };
+            // Entries are written from `&str`; a non-UTF-8 entry would be corruption.
+            let Ok(hp) = std::str::from_utf8(header_payload) else {
+                return Err(Rejection::Unknown);
+            };
+            let crate::claims::Inspection {
+                projection,
+                dpop_bound,
+            } = crate::claims::inspect(header_payload, &config.claims_to_headers);
+            // A DPoP-bound token is only ever forwarded under the scheme it must be presented
+            // with.
+            let scheme = if dpop_bound { "DPoP " } else { "Bearer " };
+            let authorization = config.forward_jwt.then(|| {
+                let sig = signature.as_str();
+                let mut value = String::with_capacity(scheme.len() + hp.len() + 1 + sig.len());
+                value.push_str(scheme);
+                value.push_str(hp);
+                value.push('.');
+                value.push_str(sig);
+                value
+            });
+            Ok(Forward {
+                expires_at,
+                authorization,
+                claim_headers: projection.headers,
+                unsafe_claims: projection.unsafe_dropped,
+                dpop_bound,
+            })
+        })
         .map_err(|e| (Rejection::StoreUnavailable, e))?;
-    let (header_payload, expires_at) = match find(&slot, &key, now) {
-        Ok(Lookup::Hit {
-            header_payload,
-            expires_at,
-        }) => (header_payload, expires_at),
-        Ok(Lookup::Expired) => return Ok(Verdict::Reject(Rejection::Expired)),
-        Ok(Lookup::Miss) | Err(_) => return Ok(Verdict::Reject(Rejection::Unknown)),
+    let forward = match built {
+        Ok(forward) => Rc::new(forward),
+        Err(rejection) => return Ok(Verdict::Reject(rejection)),
     };
-    // Entries are written from `&str`; a non-UTF-8 entry would be corruption.
-    let Ok(hp) = std::str::from_utf8(header_payload) else {
-        return Ok(Verdict::Reject(Rejection::Unknown));
-    };
-    let crate::claims::Inspection {
-        projection,
-        dpop_bound,
-    } = crate::claims::inspect(header_payload, &config.claims_to_headers);
-    // A DPoP-bound token is only ever forwarded under the scheme it must be presented with.
-    let scheme = if dpop_bound { "DPoP " } else { "Bearer " };
-    let authorization = config.forward_jwt.then(|| {
-        let sig = signature.as_str();
-        let mut value = String::with_capacity(scheme.len() + hp.len() + 1 + sig.len());
-        value.push_str(scheme);
-        value.push_str(hp);
-        value.push('.');
-        value.push_str(sig);
-        value
-    });
-    let forward = Rc::new(Forward {
-        expires_at,
-        authorization,
-        claim_headers: projection.headers,
-        unsafe_claims: projection.unsafe_dropped,
-        dpop_bound,
-    });
     cache.insert(signature.as_str(), Rc::clone(&forward));
     Ok(Verdict::Forward(forward))
 }
@@ -247,7 +255,7 @@ pub(crate) fn lookup<H: SharedData>(
 mod tests {
     use super::*;
     use crate::store::tests::{put_token, MemoryData};
-    use crate::store::Entry;
+    use crate::store::{Entry, Store};
     use crate::token::tests::JWT;
 
     #[test]

@@ -22,8 +22,9 @@
 //!   `direct_response` route, a local reply of a later filter) comes back to this filter's
 //!   response hooks at once, which must find the stream free.
 //!
-//! The store is process-wide ([`crate::store::STORE`]): a token split on one worker is found by
-//! every other, and a revocation is seen by all at once.
+//! The stores are process-wide ([`crate::store::token_map`] for tokens, [`crate::store::STORE`]
+//! for the rest): a token split on one worker is found by every other, and a revocation is seen
+//! by all at once.
 
 use crate::abi::{self, ConfigEnvoy, FilterEnvoy, Half, Scheduler, CONTINUE, STOP};
 use crate::keys::SharedKeys;
@@ -31,6 +32,7 @@ use crate::store::STORE;
 use split_token_core::flow::host::{Answer, Host, Level, Message, StreamHost};
 use split_token_core::flow::{self, Action, Stream, Worker};
 use split_token_core::stats::Counter;
+use split_token_core::store::map::MapStore;
 use split_token_core::store::{HostStatus, SetError, SharedData};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -288,6 +290,10 @@ impl Host for Native<'_> {
                     .to_vec()
             })
             .unwrap_or_default()
+    }
+
+    fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
+        Some(crate::store::token_map(prefix, capacity))
     }
 }
 

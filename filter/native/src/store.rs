@@ -1,23 +1,24 @@
-//! The process-wide store: the core's [`SharedData`] over one map shared by every worker.
+//! The process-wide stores: the map of tokens of each store prefix, and the core's
+//! [`SharedData`] over one map for what else the workers share.
 //!
-//! The core's slot store ([`split_token_core::store::Store`]) is written against Envoy's shared
-//! data: get a value with a version, set it only if the version still matches. Giving the native
-//! host the same semantics keeps the core, its tests and its guarantees unchanged for both
-//! builds: SHA-256(signature) keys, `header.payload` only, expiry with the token, a fixed key
-//! space (`store_slots`) whatever the churn, CAS retries, and a revocation that moves the epoch
-//! every worker's cache checks, seen by all workers at once because they read one map.
+//! Tokens live in a [`MapStore`] per `store_prefix` ([`token_map`]): the core's store for a host
+//! that owns its memory. Each token is kept once, in exactly its size, and expired or revoked
+//! ones give their memory back (see `split_token_core::store::map`). Every configuration of the
+//! same prefix in this process (listeners, reloads) shares its map; the map goes away with the
+//! last configuration that uses it.
 //!
-//! The map is sharded by a hash of the key (64 `Mutex`es), so workers writing different slots do
-//! not contend; a slot's critical section is one clone or one swap. Versions are per key and
-//! never 0 (0 means "no check" in Envoy's API, as here). Memory: a slot's value is its entries,
-//! 42 bytes + `header.payload` each (see `split_token_core::store`), plus the fixed cost of
-//! `store_slots` keys; an entry freed by expiry or eviction gives its bytes back on the slot's
-//! next write, which shared data could never do for its keys.
+//! What the etcd tier shares between workers (recent revocations, the poller's lease, worker
+//! numbers, the sweep watermark) is written against Envoy's shared data: get a value with a
+//! version, set it only if the version still matches. [`ProcessStore`] gives the native host the
+//! same semantics, so that code and its tests serve both builds. Its map is sharded by a hash of
+//! the key (64 `Mutex`es); versions are per key and never 0 (0 means "no check" in Envoy's API,
+//! as here).
 
+use split_token_core::store::map::MapStore;
 use split_token_core::store::{HostStatus, SetError, SharedData};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{LazyLock, Mutex, MutexGuard};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 const SHARDS: usize = 64;
 
@@ -44,6 +45,27 @@ impl Default for ProcessStore {
 
 /// The one store of this Envoy process.
 pub static STORE: LazyLock<ProcessStore> = LazyLock::new(ProcessStore::default);
+
+/// The token maps of this process by store prefix, held by the configurations that use them.
+static MAPS: Mutex<Vec<(String, Weak<MapStore>)>> = Mutex::new(Vec::new());
+
+/// The token map of `prefix`, made when no configuration holds one; at most `capacity` tokens
+/// from now on (configurations sharing a prefix are meant to agree on its size).
+pub fn token_map(prefix: &str, capacity: usize) -> Arc<MapStore> {
+    let mut maps = MAPS.lock().unwrap_or_else(|e| e.into_inner());
+    maps.retain(|(_, map)| map.strong_count() > 0);
+    if let Some(map) = maps
+        .iter()
+        .find(|(p, _)| p == prefix)
+        .and_then(|(_, map)| map.upgrade())
+    {
+        map.set_capacity(capacity);
+        return map;
+    }
+    let map = Arc::new(MapStore::new(capacity));
+    maps.push((prefix.to_owned(), Arc::downgrade(&map)));
+    map
+}
 
 impl ProcessStore {
     fn shard(&self, key: &str) -> Option<MutexGuard<'_, HashMap<String, Versioned>>> {
@@ -94,6 +116,26 @@ impl SharedData for ProcessStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configurations_of_one_prefix_share_its_map_until_the_last_goes() {
+        use split_token_core::store::{Entry, TokenStore};
+        use split_token_core::token::StoreKey;
+        let a = token_map("share/", 100);
+        let b = token_map("share/", 100);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert!(!Arc::ptr_eq(&a, &token_map("other/", 100)));
+        let entry = Entry {
+            key: StoreKey([7; 32]),
+            expires_at: u64::MAX,
+            header_payload: b"h.p",
+        };
+        assert!(TokenStore::put(&*a, &entry, 0).is_ok());
+        assert_eq!(b.len(), 1);
+        drop((a, b));
+        // Freed with its last configuration: a later one starts empty.
+        assert!(token_map("share/", 100).is_empty());
+    }
 
     #[test]
     fn missing_key_reads_empty_without_version() {

@@ -13,7 +13,9 @@
 //! status; a host never panics on them and the flow decides what a failure means.
 
 use crate::stats::Counter;
+use crate::store::map::MapStore;
 use crate::store::{HostStatus, SharedData};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How loud a log line is.
@@ -64,6 +66,13 @@ pub trait Host: SharedData {
     fn call_status(&self) -> Option<Vec<u8>>;
     /// The first `size` bytes of the answer being delivered (empty if it cannot be read).
     fn call_body(&self, size: usize) -> Vec<u8>;
+    /// The process-wide map of the tokens stored under `prefix`, holding at most `capacity`,
+    /// for a host that lets the filter own memory shared by its workers (the native build).
+    /// `None`, the default, keeps them in slots of the host's shared data.
+    fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
+        let _ = (prefix, capacity);
+        None
+    }
 }
 
 /// What the context of one HTTP exchange can ask of its host on top.

@@ -7,7 +7,7 @@
 //! write to etcd.
 
 use super::host::{Answer, HostExt, Level, Message, StreamHost};
-use super::worker::{dispatch_etcd, dispatch_key_request, key_response, store, Shared};
+use super::worker::{dispatch_etcd, dispatch_key_request, key_response, tokens, Shared};
 use super::Action;
 use crate::issue::keys::{first_request, FetchError, KeyRequest, Outcome};
 use crate::issue::response::{classify, split, ResponseAction, SplitError, SplitPlan};
@@ -20,7 +20,7 @@ use crate::reply::{
 };
 use crate::request::{authorize, presented_key, Rejection, Verdict};
 use crate::stats::Counter;
-use crate::store::StoreError;
+use crate::store::{StoreError, TokenStore};
 use crate::token::verify::{verify, VerifyError};
 use crate::token::StoreKey;
 use crate::{Config, Route};
@@ -369,7 +369,7 @@ impl Stream {
         } else {
             revoke::revoke
         };
-        let plan = match decide(&store(h, self.config()), &body, h.now_s()) {
+        let plan = match decide(&tokens(h, &self.shared), &body, h.now_s()) {
             Ok(plan) => plan,
             Err(failure) => {
                 if let Failure::Store(e) = &failure {
@@ -440,7 +440,7 @@ impl Stream {
         let authorization = self.introspection_authorization.as_deref();
         let outcome = if authenticate(clients, authorization) {
             let body = h.body(Message::Request, body_size);
-            match introspect(&store(h, self.config()), &body, h.now_s()) {
+            match introspect(&tokens(h, &self.shared), &body, h.now_s()) {
                 Ok(outcome) => {
                     let inactive =
                         matches!(&outcome, Introspection::Answer(a) if a.starts_with(INACTIVE));
@@ -496,7 +496,7 @@ impl Stream {
         };
         let verdict = decide(
             config,
-            &store(h, config),
+            &tokens(h, &shared),
             &mut shared.cache.borrow_mut(),
             authorization.as_deref(),
             || Self::dpop_header(h),
@@ -637,7 +637,7 @@ impl Stream {
             Some(f) => match &self.config().etcd {
                 Some(etcd_config) => {
                     let recent = RecentRevocations::new(h, &etcd_config.recent_prefix);
-                    etcd::adopt(&store(h, self.config()), key, f, &recent, h.now_s())
+                    etcd::adopt(&tokens(h, &self.shared), key, f, &recent, h.now_s())
                 }
                 None => Ok(None),
             },
@@ -736,7 +736,7 @@ impl Stream {
                 h.log(Level::Error, &format!("revocation: {e}"));
             }
         }
-        if let Err(failure) = revoke::forget(&store(h, self.config()), &key) {
+        if let Err(failure) = revoke::forget(&tokens(h, &self.shared), &key) {
             // etcd has it, and this replica's next sweep applies it; the client may retry.
             if let Failure::Store(e) = &failure {
                 h.log(Level::Error, &format!("revocation: {e}"));
@@ -932,7 +932,7 @@ impl Stream {
     /// Stores the entry, then replaces the body: the client can use its token at once.
     fn issue<H: StreamHost>(&mut self, h: &H, plan: &SplitPlan) -> Action {
         let now = h.now_s();
-        let report = match store(h, self.config()).put(&plan.entry(), now) {
+        let report = match tokens(h, &self.shared).put(&plan.entry(), now) {
             Ok(report) => report,
             Err(e) => return self.fail_closed(h, IssueFailure::Store(&e)),
         };

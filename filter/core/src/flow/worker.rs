@@ -11,11 +11,13 @@ use crate::issue::keys::{first_request, on_response, KeyRequest, KeyState, Outco
 use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use crate::stats::Counter;
 use crate::store::cache::LocalCache;
-use crate::store::{HostStatus, Store};
+use crate::store::map::MapStore;
+use crate::store::{HostStatus, Store, Tokens};
 use crate::token::verify::KeySet;
 use crate::Config;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// What a worker's exchanges share, behind one `Rc` per exchange.
@@ -30,6 +32,9 @@ pub(crate) struct Shared {
     /// etcd lookups under way on this worker (kept across configurations: the lookups of an
     /// older one still count until they end).
     pub(crate) lookups: Rc<Cell<u32>>,
+    /// The host's process-wide token map, when it has one ([`Host::token_map`]); otherwise the
+    /// tokens live in the slot store over shared data.
+    pub(crate) map: Option<Arc<MapStore>>,
 }
 
 /// Verification keys a worker loaded, as another worker of the same configuration takes them
@@ -129,7 +134,8 @@ pub(crate) fn dispatch_etcd<H: Host>(
     })
 }
 
-pub(crate) fn store<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H> {
+/// The slot store of a configuration, in the host's shared data.
+fn slots<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H> {
     Store::new(
         host,
         &config.store_prefix,
@@ -137,6 +143,14 @@ pub(crate) fn store<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H
         config.slot_capacity,
     )
     .with_epoch_key(&config.epoch_key)
+}
+
+/// Where this worker's tokens live: the host's map, or slots in its shared data.
+pub(crate) fn tokens<'a, H: Host>(host: &'a H, shared: &'a Shared) -> Tokens<'a, H> {
+    match &shared.map {
+        Some(map) => Tokens::Map(map),
+        None => Tokens::Slots(slots(host, &shared.config)),
+    }
 }
 
 impl Worker {
@@ -207,16 +221,21 @@ impl Worker {
         };
         host.define_counters();
         let cache = LocalCache::new(config.local_cache_entries);
+        let capacity =
+            (config.store_slots as usize).saturating_mul(usize::from(config.slot_capacity));
+        let map = host.token_map(&config.store_prefix, capacity);
         // Create every slot now, so that no token is ever written to a missing key (Envoy's CAS
         // cannot guard key creation). Idempotent across VMs and reloads. The revocation epoch
-        // needs nothing: a missing key is epoch 0, and its first bump creates it.
-        let store = store(host, &config);
-        match store.initialize() {
-            Ok(0) => {}
-            Ok(created) => host.log(Level::Info, &format!("created {created} store slots")),
-            Err(e) => {
-                host.log(Level::Error, &format!("cannot initialize the store: {e}"));
-                return false;
+        // needs nothing: a missing key is epoch 0, and its first bump creates it. A host's map
+        // needs neither.
+        if map.is_none() {
+            match slots(host, &config).initialize() {
+                Ok(0) => {}
+                Ok(created) => host.log(Level::Info, &format!("created {created} store slots")),
+                Err(e) => {
+                    host.log(Level::Error, &format!("cannot initialize the store: {e}"));
+                    return false;
+                }
             }
         }
         let mut tick = None;
@@ -278,6 +297,7 @@ impl Worker {
             cache: RefCell::new(cache),
             leases: RefCell::new(leases),
             lookups: Rc::clone(&self.lookups),
+            map,
         }));
         true
     }
@@ -424,7 +444,7 @@ impl Worker {
             host.log(Level::Info, "revocation poll works again");
             self.poll_failing = false;
         }
-        let store = store(host, config);
+        let store = tokens(host, shared);
         let recent = RecentRevocations::new(host, &etcd_config.recent_prefix);
         match etcd::apply_markers(&store, &markers.keys, &recent, host.now_s()) {
             Ok(removed) => {

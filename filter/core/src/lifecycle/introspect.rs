@@ -9,7 +9,7 @@
 
 use crate::config::IntrospectionConfig;
 use crate::lifecycle::revoke::{parse_form, percent_decode, RevocationError};
-use crate::store::{find, Lookup, SharedData, Store, StoreError};
+use crate::store::{Lookup, StoreError, TokenStore};
 use crate::token::Signature;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -85,8 +85,8 @@ fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
 }
 
 /// Answers an authenticated introspection request.
-pub fn introspect<H: SharedData>(
-    store: &Store<'_, H>,
+pub fn introspect<S: TokenStore>(
+    store: &S,
     body: &[u8],
     now: u64,
 ) -> Result<Introspection, StoreError> {
@@ -109,15 +109,14 @@ pub fn introspect<H: SharedData>(
         return Ok(inactive());
     };
     let key = signature.store_key();
-    let slot = store.fetch_slot(&key)?;
-    let Ok(Lookup::Hit {
-        header_payload,
-        expires_at,
-    }) = find(&slot, &key, now)
-    else {
-        return Ok(inactive());
-    };
-    let Some(mut claims) = crate::claims::payload_object(header_payload) else {
+    let found = store.lookup(&key, now, |found| match found {
+        Ok(Lookup::Hit {
+            header_payload,
+            expires_at,
+        }) => crate::claims::payload_object(header_payload).map(|claims| (claims, expires_at)),
+        _ => None,
+    })?;
+    let Some((mut claims, expires_at)) = found else {
         return Ok(inactive());
     };
     let bound = crate::claims::is_bound(&claims);
@@ -142,6 +141,7 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::store::tests::{put_token, MemoryData};
+    use crate::store::Store;
     use crate::token::tests::JWT;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 

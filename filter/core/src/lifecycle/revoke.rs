@@ -17,7 +17,7 @@
 use crate::config::Config;
 use crate::request::{authorize, presented_key, Rejection, Verdict};
 use crate::store::cache::LocalCache;
-use crate::store::{find, Lookup, SharedData, Store, StoreError};
+use crate::store::{Lookup, StoreError, TokenStore};
 use crate::token::{Signature, StoreKey};
 use std::fmt;
 
@@ -180,11 +180,7 @@ pub fn could_be_signature(token: &str) -> bool {
 }
 
 /// Decides a revocation request and, for a stored signature, revokes it.
-pub fn revoke<H: SharedData>(
-    store: &Store<'_, H>,
-    body: &[u8],
-    now: u64,
-) -> Result<RevocationPlan, Failure> {
+pub fn revoke<S: TokenStore>(store: &S, body: &[u8], now: u64) -> Result<RevocationPlan, Failure> {
     let plan = decide(store, body, now)?;
     if let RevocationPlan::Revoked { key, .. } = &plan {
         forget(store, key)?;
@@ -195,11 +191,7 @@ pub fn revoke<H: SharedData>(
 /// Decides a revocation request without revoking anything: a `Revoked` plan names the token to
 /// [`forget`] once the revocation is also written elsewhere (etcd), so that a failure there
 /// leaves the token as it was everywhere, instead of revoked on one replica only.
-pub fn decide<H: SharedData>(
-    store: &Store<'_, H>,
-    body: &[u8],
-    now: u64,
-) -> Result<RevocationPlan, Failure> {
+pub fn decide<S: TokenStore>(store: &S, body: &[u8], now: u64) -> Result<RevocationPlan, Failure> {
     if body.len() > MAX_REVOCATION_BODY {
         return Err(Failure::Request(RevocationError::TooLarge {
             limit: MAX_REVOCATION_BODY,
@@ -232,16 +224,17 @@ pub fn decide<H: SharedData>(
     let stored = match Signature::parse(candidate.as_bytes()) {
         Some(signature) => {
             let key = signature.store_key();
-            let slot = store.fetch_slot(&key).map_err(Failure::Store)?;
-            match find(&slot, &key, now) {
-                Ok(Lookup::Hit {
-                    header_payload,
-                    expires_at,
-                }) => std::str::from_utf8(header_payload)
-                    .ok()
-                    .map(|hp| (key, expires_at, format!("{hp}.{}", signature.as_str()))),
-                Ok(Lookup::Expired | Lookup::Miss) | Err(_) => None,
-            }
+            store
+                .lookup(&key, now, |found| match found {
+                    Ok(Lookup::Hit {
+                        header_payload,
+                        expires_at,
+                    }) => std::str::from_utf8(header_payload)
+                        .ok()
+                        .map(|hp| (key, expires_at, format!("{hp}.{}", signature.as_str()))),
+                    Ok(Lookup::Expired | Lookup::Miss) | Err(_) => None,
+                })
+                .map_err(Failure::Store)?
         }
         None => None,
     };
@@ -300,10 +293,7 @@ pub enum Failure {
 
 /// Removes a token everywhere: from the store, then (by moving the epoch) from every worker's
 /// cache. The epoch moves even when another worker removed the entry first, so no cache lags.
-pub fn forget<H: SharedData>(
-    store: &Store<'_, H>,
-    key: &crate::token::StoreKey,
-) -> Result<(), Failure> {
+pub fn forget<S: TokenStore>(store: &S, key: &crate::token::StoreKey) -> Result<(), Failure> {
     store.remove(key).map_err(Failure::Store)?;
     store.bump_epoch().map_err(Failure::Store)?;
     Ok(())
@@ -312,9 +302,9 @@ pub fn forget<H: SharedData>(
 /// A logout call: authorized like any API request (a valid token is required), then the token
 /// is revoked before the request is forwarded with the rebuilt JWT, so the IdP can end the
 /// session. On a rejection nothing is revoked.
-pub fn logout<H: SharedData>(
+pub fn logout<S: TokenStore>(
     config: &Config,
-    store: &Store<'_, H>,
+    store: &S,
     cache: &mut LocalCache,
     authorization: Option<&[u8]>,
     dpop_proof: impl FnOnce() -> Option<Vec<u8>>,
@@ -333,7 +323,7 @@ pub fn logout<H: SharedData>(
 mod tests {
     use super::*;
     use crate::store::tests::{put_token, MemoryData};
-    use crate::store::Entry;
+    use crate::store::{Entry, Store};
     use crate::token::tests::JWT;
 
     fn config() -> Config {

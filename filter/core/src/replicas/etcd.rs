@@ -32,7 +32,7 @@ use crate::lifecycle::revoke::could_be_signature;
 use crate::request::{parse_authorization, presented_key, Credentials, Rejection, Verdict};
 use crate::store::{
     find, Entry, HostStatus, Lookup, PutReport, SetError, SharedData, Store, StoreError,
-    MAX_WRITE_ATTEMPTS,
+    TokenStore, MAX_WRITE_ATTEMPTS,
 };
 use crate::token::StoreKey;
 use base64::engine::general_purpose::STANDARD;
@@ -724,8 +724,8 @@ pub fn worker_number<H: SharedData>(host: &H, key: &str, seed: u64) -> Result<u6
 /// are counted as at issuance). Not when it has expired, nor when this process applied its
 /// revocation lately (`None`): the read may have raced the revocation, and storing it after its
 /// marker was applied would bring it back here until it expires.
-pub fn adopt<H: SharedData>(
-    store: &Store<'_, H>,
+pub fn adopt<S: TokenStore, H: SharedData>(
+    store: &S,
     key: StoreKey,
     fetched: &Fetched,
     recent: &RecentRevocations<'_, H>,
@@ -760,8 +760,8 @@ pub fn adopt<H: SharedData>(
 
 /// Forgets the tokens of polled revocation markers here. Returns how many entries this removed;
 /// when any, the epoch moves once, so every worker's cache forgets them too.
-pub fn apply_markers<H: SharedData>(
-    store: &Store<'_, H>,
+pub fn apply_markers<S: TokenStore, H: SharedData>(
+    store: &S,
     markers: &[StoreKey],
     recent: &RecentRevocations<'_, H>,
     now: u64,

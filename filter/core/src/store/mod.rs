@@ -21,6 +21,7 @@
 //! is never written blind; only that fallback keeps the (tiny) creation race.
 
 pub mod cache;
+pub mod map;
 
 use crate::token::StoreKey;
 use std::borrow::Cow;
@@ -84,6 +85,8 @@ pub enum StoreError {
     Contention { attempts: u32 },
     /// The header.payload is longer than an entry can hold.
     EntryTooLarge { len: usize },
+    /// A shard of the native store cannot address more bytes (2 GiB).
+    Full { bytes: usize },
 }
 
 impl fmt::Display for StoreError {
@@ -103,6 +106,9 @@ impl fmt::Display for StoreError {
                 "header.payload of {len} bytes exceeds the {} bytes an entry holds",
                 u16::MAX
             ),
+            Self::Full { bytes } => {
+                write!(f, "store shard full: it holds {bytes} bytes, its most")
+            }
         }
     }
 }
@@ -503,6 +509,137 @@ impl<'a, H: SharedData> Store<'a, H> {
             retries += 1;
         }
         Err(StoreError::Contention { attempts: retries })
+    }
+}
+
+/// What the flow asks of a token store, whichever the host has: the slot store over shared data
+/// ([`Store`], the Wasm build) or a map the host lets the filter own ([`map::MapStore`], the
+/// native build). Both keep the same guarantees (see each).
+pub trait TokenStore {
+    /// Looks `key` up and hands what it found to `read`, which runs while the entry is borrowed
+    /// (`Err`: the slot holding it did not decode).
+    fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+    ) -> Result<R, StoreError>;
+    /// Stores an entry, replacing one of the same key; evicts when full.
+    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError>;
+    /// Removes the entry for `key` (a revocation): whether there was one.
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError>;
+    /// The revocation epoch, which every revocation and eviction moves.
+    fn epoch(&self) -> Result<u64, StoreError>;
+    /// Moves the revocation epoch on.
+    fn bump_epoch(&self) -> Result<(), StoreError>;
+}
+
+impl<H: SharedData> TokenStore for Store<'_, H> {
+    fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+    ) -> Result<R, StoreError> {
+        let slot = self.fetch_slot(key)?;
+        Ok(read(find(&slot, key, now)))
+    }
+
+    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        Store::put(self, entry, now)
+    }
+
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        Store::remove(self, key)
+    }
+
+    fn epoch(&self) -> Result<u64, StoreError> {
+        Store::epoch(self)
+    }
+
+    fn bump_epoch(&self) -> Result<(), StoreError> {
+        Store::bump_epoch(self)
+    }
+}
+
+impl TokenStore for map::MapStore {
+    fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+    ) -> Result<R, StoreError> {
+        map::MapStore::lookup(self, key, now, |found| read(Ok(found)))
+    }
+
+    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        map::MapStore::put(self, entry, now)
+    }
+
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        map::MapStore::remove(self, key)
+    }
+
+    fn epoch(&self) -> Result<u64, StoreError> {
+        Ok(map::MapStore::epoch(self))
+    }
+
+    fn bump_epoch(&self) -> Result<(), StoreError> {
+        map::MapStore::bump_epoch(self);
+        Ok(())
+    }
+}
+
+/// The token store of one configuration on its host.
+pub enum Tokens<'a, H: SharedData> {
+    /// Slots in the host's shared data.
+    Slots(Store<'a, H>),
+    /// The host's process-wide map.
+    Map(&'a map::MapStore),
+}
+
+impl<H: SharedData> TokenStore for Tokens<'_, H> {
+    fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+    ) -> Result<R, StoreError> {
+        match self {
+            Self::Slots(store) => store.lookup(key, now, read),
+            Self::Map(store) => TokenStore::lookup(*store, key, now, read),
+        }
+    }
+
+    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        match self {
+            Self::Slots(store) => store.put(entry, now),
+            Self::Map(store) => store.put(entry, now),
+        }
+    }
+
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        match self {
+            Self::Slots(store) => store.remove(key),
+            Self::Map(store) => store.remove(key),
+        }
+    }
+
+    fn epoch(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Slots(store) => store.epoch(),
+            Self::Map(store) => Ok(store.epoch()),
+        }
+    }
+
+    fn bump_epoch(&self) -> Result<(), StoreError> {
+        match self {
+            Self::Slots(store) => store.bump_epoch(),
+            Self::Map(store) => {
+                store.bump_epoch();
+                Ok(())
+            }
+        }
     }
 }
 

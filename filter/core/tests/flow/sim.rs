@@ -6,10 +6,12 @@
 use split_token_core::flow::host::{Answer, Host, Level, Message, StreamHost};
 use split_token_core::flow::{Action, Stream, Worker};
 use split_token_core::stats::Counter;
+use split_token_core::store::map::MapStore;
 use split_token_core::store::{HostStatus, SetError, SharedData};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The start of every test's clock, Unix seconds.
@@ -47,11 +49,18 @@ pub struct World {
     pub hostcalls: Cell<u32>,
     /// Makes every dispatch fail (a cluster Envoy does not know).
     pub refuse_dispatch: Cell<bool>,
+    /// Tokens live in a process-wide map per prefix, as in the native build, rather than in
+    /// slots of the shared data: `SPLIT_TOKEN_SIM_STORE=map` (`just unit` runs both).
+    pub maps: Option<RefCell<BTreeMap<String, Arc<MapStore>>>>,
 }
 
 impl World {
     pub fn new() -> Rc<Self> {
-        let world = Self::default();
+        let world = Self {
+            maps: (std::env::var("SPLIT_TOKEN_SIM_STORE").as_deref() == Ok("map"))
+                .then(RefCell::default),
+            ..Self::default()
+        };
         world.now.set(Duration::from_secs(T0));
         Rc::new(world)
     }
@@ -174,6 +183,15 @@ impl Host for World {
         self.call();
         let body = &self.answer.borrow().1;
         body[..size.min(body.len())].to_vec()
+    }
+
+    fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
+        let mut maps = self.maps.as_ref()?.borrow_mut();
+        let map = maps
+            .entry(prefix.to_owned())
+            .or_insert_with(|| Arc::new(MapStore::new(capacity)));
+        map.set_capacity(capacity);
+        Some(Arc::clone(map))
     }
 }
 
@@ -355,6 +373,9 @@ impl Host for Ex {
     }
     fn call_body(&self, size: usize) -> Vec<u8> {
         self.world.call_body(size)
+    }
+    fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
+        self.world.token_map(prefix, capacity)
     }
 }
 

@@ -1,0 +1,670 @@
+//! The store of a host that gives the filter its own memory (the native build): one map of
+//! tokens per store prefix, shared by every worker thread of the process.
+//!
+//! The slot store ([`super::Store`]) exists because Envoy's shared data never frees a key and
+//! copies a whole value in and out of the VM on every call. A native module owns its memory, so
+//! this store keeps each token exactly once and frees what expires, with the slot store's
+//! guarantees:
+//!
+//! - keyed by SHA-256 of the signature, holding `header.payload` only (never the signature);
+//! - a token expires with its JWT: a lookup past `exp` is [`Lookup::Expired`], and expired
+//!   entries are dropped by the next write of their shard once due ([`SWEEP_SECONDS`]);
+//! - bounded whatever the churn: at most `capacity` tokens (the configuration's
+//!   `store_slots × slot_capacity`; writes racing on other threads may pass it by one each); a
+//!   write into a full store first evicts the `1/EVICT_SHARE` of entries nearest to expiry from
+//!   its shard (or the next shard holding any), and moves the epoch;
+//! - a revocation moves one epoch that every worker's cache reads, so all see it at once.
+//!
+//! Layout. The map is [`SHARDS`] shards behind their own `Mutex`, picked by the key, so workers
+//! rarely contend; a read holds its shard's lock only while the caller reads the entry. A shard
+//! packs its entries into chunks (4 KiB, doubling to 64 KiB) as
+//!
+//! ```text
+//! entry = store_key[32] expires_at[u64 BE] len[u16 BE] header_payload[len]
+//! ```
+//!
+//! (the slot format's entry), and finds them through an open-addressing table of `u64`s, each
+//! a 32-bit hash of the key and a 32-bit reference to the entry (linear probing, deletion by
+//! backward shift, at most 85% full, grown by half). So a token costs `header.payload` + 42 bytes
+//! in its chunk plus 9 to 14 bytes of table, and a lookup reads one table line and one entry.
+//! Removed and replaced entries leave garbage in their chunk; a shard whose garbage passes a
+//! quarter of its bytes is rebuilt compactly (amortized: each byte written is copied at most a
+//! few times), which is also how expired entries leave.
+
+use super::{decode_entry, encode_entry, Entry, Lookup, PutReport, StoreError, ENTRY_FIXED};
+use crate::token::StoreKey;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+/// Shards of a map: enough that workers rarely wait for each other, few enough that the
+/// unfilled end of each shard's last chunk stays small next to the tokens.
+pub const SHARDS: usize = 64;
+/// Expired entries are swept from a shard at most this often (seconds), by its next write.
+pub const SWEEP_SECONDS: u64 = 10;
+/// A full store evicts this share of the writing shard's entries (those nearest to expiry) at
+/// once, so that writes into a full store cost a bounded amount each.
+pub const EVICT_SHARE: usize = 32;
+const FIRST_CHUNK: usize = 4 << 10;
+const CHUNK: usize = 64 << 10;
+/// An entry's offset in its chunk: chunks hold at most 128 KiB (one entry of the largest
+/// header.payload, 42 + 65,535 bytes, fits).
+const OFFSET_BITS: u32 = 17;
+const CHUNK_LIMIT: usize = 1 << OFFSET_BITS;
+/// Chunks a shard can address: 32,767 of 64 KiB, 2 GiB per shard.
+const MAX_CHUNKS: usize = (1 << (32 - OFFSET_BITS)) - 1;
+/// Garbage below this is never worth a rebuild.
+const MIN_GARBAGE: usize = 16 << 10;
+
+/// The tokens of one store prefix in this process.
+pub struct MapStore {
+    seed: u64,
+    shards: Vec<Mutex<Shard>>,
+    /// Live entries in all shards.
+    live: AtomicUsize,
+    /// At most this many tokens (evictions beyond).
+    capacity: AtomicUsize,
+    epoch: AtomicU64,
+}
+
+impl MapStore {
+    /// An empty store of at most `capacity` tokens.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            // A per-process secret, so a client cannot aim lookups at one part of a table.
+            seed: RandomState::new().hash_one(0x5eed_u64),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            live: AtomicUsize::new(0),
+            capacity: AtomicUsize::new(capacity.max(1)),
+            epoch: AtomicU64::new(0),
+        }
+    }
+
+    /// Changes the most tokens it holds (a new configuration of the same store): the next
+    /// writes evict down to it.
+    pub fn set_capacity(&self, capacity: usize) {
+        self.capacity.store(capacity.max(1), Ordering::Relaxed);
+    }
+
+    /// Tokens held, expired ones included until they are swept.
+    pub fn len(&self) -> usize {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// Whether it holds no token.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The shard of `key`, and the hash its table files it under.
+    fn index(&self, key: &StoreKey) -> (usize, u32) {
+        let word = key
+            .0
+            .first_chunk::<8>()
+            .map_or(0, |w| u64::from_le_bytes(*w));
+        let hash = (word ^ self.seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (((hash >> 26) as usize) % SHARDS, (hash >> 32) as u32)
+    }
+
+    fn lock(&self, shard: usize) -> Result<MutexGuard<'_, Shard>, StoreError> {
+        // A poisoned lock only means a thread panicked holding it (and was caught at the FFI
+        // edge): every change to a shard is complete after each statement that makes it.
+        self.shards
+            .get(shard)
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .ok_or(StoreError::Host {
+                operation: "lock",
+                status: 10,
+            })
+    }
+
+    fn shard(&self, key: &StoreKey) -> Result<(MutexGuard<'_, Shard>, u32), StoreError> {
+        let (shard, hash) = self.index(key);
+        Ok((self.lock(shard)?, hash))
+    }
+
+    /// Evicts from the shard of `key`, or the next one holding any entry: one lock at a time,
+    /// so writers never wait on each other in a cycle. Nothing when `key` is stored already (a
+    /// rewrite takes no room).
+    fn make_room(&self, key: &StoreKey, now: u64) -> Result<Dropped, StoreError> {
+        let (first, hash) = self.index(key);
+        for step in 0..SHARDS {
+            let mut shard = self.lock((first + step) % SHARDS)?;
+            if step == 0 && shard.find(key, hash).is_some() {
+                break;
+            }
+            if shard.len == 0 {
+                continue;
+            }
+            let before = shard.len;
+            let count = (shard.len / EVICT_SHARE).max(1);
+            let dropped = shard.evict(now, count);
+            self.settle(before, shard.len);
+            return dropped;
+        }
+        Ok(Dropped::default())
+    }
+
+    /// Looks `key` up and hands what it found to `read`, which runs while the entry is
+    /// borrowed (and its shard locked: keep it short).
+    pub fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Lookup<'_>) -> R,
+    ) -> Result<R, StoreError> {
+        let (shard, tag) = self.shard(key)?;
+        let found = shard
+            .find(key, tag)
+            .and_then(|(_, reference)| shard.entry(reference));
+        Ok(read(match found {
+            None => Lookup::Miss,
+            Some(e) if e.expires_at <= now => Lookup::Expired,
+            Some(e) => Lookup::Hit {
+                header_payload: e.header_payload,
+                expires_at: e.expires_at,
+            },
+        }))
+    }
+
+    /// Stores an entry (replacing one of the same key), evicting first when the store is full.
+    pub fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        if entry.header_payload.len() > usize::from(u16::MAX) {
+            return Err(StoreError::EntryTooLarge {
+                len: entry.header_payload.len(),
+            });
+        }
+        let mut report = PutReport::default();
+        if self.len() >= self.capacity.load(Ordering::Relaxed) {
+            let dropped = self.make_room(&entry.key, now)?;
+            report.expired = dropped.expired;
+            report.evicted = dropped.evicted;
+        }
+        let (mut shard, tag) = self.shard(&entry.key)?;
+        let before = shard.len;
+        if let Some((slot, _)) = shard.find(&entry.key, tag) {
+            shard.remove_at(slot);
+        }
+        if shard.sweep_due(now) || shard.wasteful() {
+            report.expired += shard.rebuild(now, None)?.expired;
+        }
+        shard.insert(entry, tag)?;
+        self.settle(before, shard.len);
+        drop(shard);
+        if report.evicted > 0 {
+            // An evicted token is still valid and may sit in workers' caches, where a later
+            // revocation (which finds nothing here) could not reach it.
+            self.bump_epoch();
+        }
+        Ok(report)
+    }
+
+    /// Removes the entry for `key` (a revocation); whether there was one, expired or not.
+    pub fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        let (mut shard, tag) = self.shard(key)?;
+        let Some((slot, _)) = shard.find(key, tag) else {
+            return Ok(false);
+        };
+        let before = shard.len;
+        shard.remove_at(slot);
+        if shard.wasteful() {
+            // No clock here: nothing counts as expired, and the sweep keeps its schedule.
+            shard.rebuild(0, None)?;
+        }
+        self.settle(before, shard.len);
+        Ok(true)
+    }
+
+    fn settle(&self, before: usize, after: usize) {
+        if after >= before {
+            self.live.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.live.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// The revocation epoch: it moves on every revocation and eviction. 0 until the first.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Moves the revocation epoch on.
+    pub fn bump_epoch(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// One shard: its entries' chunks and the table that finds them.
+struct Shard {
+    chunks: Vec<Vec<u8>>,
+    /// `hash << 32 | reference`; 0 is an empty slot (references start at 1).
+    table: Vec<u64>,
+    /// Live entries.
+    len: usize,
+    /// Bytes of live entries, and of all entries written into the chunks.
+    live_bytes: usize,
+    used_bytes: usize,
+    /// No live entry expires before this (u64::MAX: none known).
+    earliest: u64,
+    /// No sweep for expired entries before this.
+    next_sweep: u64,
+}
+
+/// What a rebuild dropped.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Dropped {
+    expired: u32,
+    evicted: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Self {
+        Self {
+            chunks: Vec::new(),
+            table: Vec::new(),
+            len: 0,
+            live_bytes: 0,
+            used_bytes: 0,
+            earliest: u64::MAX,
+            next_sweep: 0,
+        }
+    }
+}
+
+/// Where an entry with this hash starts looking in a table of `len` slots.
+fn home(hash: u32, len: usize) -> usize {
+    ((u64::from(hash) * len as u64) >> 32) as usize
+}
+
+fn hash_of(slot: u64) -> u32 {
+    (slot >> 32) as u32
+}
+
+/// A table of `entries` at most 85% full, one grown by half leaves it about 57% full.
+fn fits(entries: usize, slots: usize) -> bool {
+    entries * 20 <= slots * 17
+}
+
+impl Shard {
+    fn entry(&self, reference: u32) -> Option<Entry<'_>> {
+        let at = reference.checked_sub(1)?;
+        let chunk = self.chunks.get((at >> OFFSET_BITS) as usize)?;
+        let bytes = chunk.get((at as usize & (CHUNK_LIMIT - 1))..)?;
+        decode_entry(bytes).ok().map(|(entry, _)| entry)
+    }
+
+    /// The table slot and reference of `key`'s entry.
+    fn find(&self, key: &StoreKey, hash: u32) -> Option<(usize, u32)> {
+        let n = self.table.len();
+        let mut i = home(hash, n);
+        for _ in 0..n {
+            let slot = *self.table.get(i)?;
+            if slot == 0 {
+                return None;
+            }
+            if hash_of(slot) == hash {
+                let reference = slot as u32;
+                if self.entry(reference).is_some_and(|e| e.key == *key) {
+                    return Some((i, reference));
+                }
+            }
+            i = if i + 1 == n { 0 } else { i + 1 };
+        }
+        None
+    }
+
+    /// Puts a slot into the table (which has room: see [`fits`]).
+    fn place(table: &mut [u64], slot: u64) -> bool {
+        let n = table.len();
+        let mut i = home(hash_of(slot), n);
+        for _ in 0..n {
+            match table.get_mut(i) {
+                Some(free @ 0) => {
+                    *free = slot;
+                    return true;
+                }
+                Some(_) => i = if i + 1 == n { 0 } else { i + 1 },
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// Empties table slot `i` and shifts back the entries that probed past it, so every entry
+    /// stays reachable from its home without tombstones.
+    fn remove_at(&mut self, mut hole: usize) {
+        let n = self.table.len();
+        let Some(slot) = self.table.get_mut(hole) else {
+            return;
+        };
+        let removed = std::mem::take(slot);
+        let bytes = self
+            .entry(removed as u32)
+            .map_or(0, |e| ENTRY_FIXED + e.header_payload.len());
+        self.live_bytes = self.live_bytes.saturating_sub(bytes);
+        self.len = self.len.saturating_sub(1);
+        let mut j = hole;
+        for _ in 0..n {
+            j = if j + 1 == n { 0 } else { j + 1 };
+            let Some(&next) = self.table.get(j) else {
+                return;
+            };
+            if next == 0 {
+                return;
+            }
+            let h = home(hash_of(next), n);
+            // `next` may fill the hole unless its home lies cyclically in (hole, j].
+            let stays = if hole <= j {
+                hole < h && h <= j
+            } else {
+                hole < h || h <= j
+            };
+            if !stays {
+                if let Some(dst) = self.table.get_mut(hole) {
+                    *dst = next;
+                }
+                if let Some(src) = self.table.get_mut(j) {
+                    *src = 0;
+                }
+                hole = j;
+            }
+        }
+    }
+
+    /// Appends an entry to the last chunk (or a new one); its reference.
+    fn append(&mut self, entry: &Entry<'_>) -> Result<u32, StoreError> {
+        let size = ENTRY_FIXED + entry.header_payload.len();
+        let room = self
+            .chunks
+            .last()
+            .is_some_and(|c| c.capacity() - c.len() >= size && c.len() + size <= CHUNK_LIMIT);
+        if !room {
+            if self.chunks.len() >= MAX_CHUNKS {
+                return Err(StoreError::Full {
+                    bytes: self.used_bytes,
+                });
+            }
+            let next = self
+                .chunks
+                .last()
+                .map_or(FIRST_CHUNK, |c| c.capacity().saturating_mul(2))
+                .min(CHUNK)
+                .max(size);
+            self.chunks.push(Vec::with_capacity(next));
+        }
+        let index = self.chunks.len() - 1;
+        let Some(chunk) = self.chunks.last_mut() else {
+            return Err(StoreError::Full { bytes: 0 });
+        };
+        let offset = chunk.len();
+        encode_entry(chunk, entry);
+        self.used_bytes += size;
+        Ok((((index as u32) << OFFSET_BITS) | offset as u32) + 1)
+    }
+
+    /// Stores an entry whose key is not in the shard.
+    fn insert(&mut self, entry: &Entry<'_>, hash: u32) -> Result<(), StoreError> {
+        if !fits(self.len + 1, self.table.len()) {
+            let grown = (self.table.len() + self.table.len() / 2).max(16);
+            let mut table = vec![0u64; grown];
+            for &slot in self.table.iter().filter(|&&s| s != 0) {
+                Self::place(&mut table, slot);
+            }
+            self.table = table;
+        }
+        let reference = self.append(entry)?;
+        if !Self::place(
+            &mut self.table,
+            (u64::from(hash) << 32) | u64::from(reference),
+        ) {
+            return Err(StoreError::Full {
+                bytes: self.used_bytes,
+            });
+        }
+        self.len += 1;
+        self.live_bytes += ENTRY_FIXED + entry.header_payload.len();
+        self.earliest = self.earliest.min(entry.expires_at);
+        Ok(())
+    }
+
+    /// Whether expired entries are due to be swept.
+    fn sweep_due(&self, now: u64) -> bool {
+        now >= self.earliest && now >= self.next_sweep
+    }
+
+    /// Whether garbage passed a quarter of the chunks' bytes.
+    fn wasteful(&self) -> bool {
+        let garbage = self.used_bytes - self.live_bytes.min(self.used_bytes);
+        garbage >= MIN_GARBAGE && garbage * 4 > self.used_bytes
+    }
+
+    /// Evicts the `count` unexpired entries nearest to expiry, dropping expired ones too.
+    fn evict(&mut self, now: u64, count: usize) -> Result<Dropped, StoreError> {
+        let mut expiries: Vec<u64> = self
+            .table
+            .iter()
+            .filter(|&&s| s != 0)
+            .filter_map(|&s| self.entry(s as u32))
+            .map(|e| e.expires_at)
+            .filter(|&exp| exp > now)
+            .collect();
+        let Some(nth) = count.min(expiries.len()).checked_sub(1) else {
+            // Nothing unexpired to evict: dropping the expired ones makes the room.
+            return self.rebuild(now, None);
+        };
+        let (_, &mut threshold, _) = expiries.select_nth_unstable(nth);
+        self.rebuild(now, Some((threshold, count)))
+    }
+
+    /// Rewrites the shard with its live entries only, dropping those expired at `now` and, with
+    /// `evict: Some((threshold, count))`, up to `count` entries expiring at or before
+    /// `threshold`.
+    fn rebuild(&mut self, now: u64, evict: Option<(u64, usize)>) -> Result<Dropped, StoreError> {
+        let mut fresh = Shard {
+            table: vec![0u64; ((self.len * 7) / 4).max(16)],
+            next_sweep: self.next_sweep.max(now.saturating_add(SWEEP_SECONDS)),
+            ..Shard::default()
+        };
+        // The first chunk holds what is kept, up to a full chunk: a small shard stays small.
+        fresh.chunks.push(Vec::with_capacity(
+            self.live_bytes.clamp(FIRST_CHUNK, CHUNK),
+        ));
+        let (threshold, mut to_evict) = evict.unwrap_or((0, 0));
+        let mut dropped = Dropped::default();
+        for &slot in self.table.iter().filter(|&&s| s != 0) {
+            let Some(entry) = self.entry(slot as u32) else {
+                continue;
+            };
+            if entry.expires_at <= now {
+                dropped.expired += 1;
+            } else if to_evict > 0 && entry.expires_at <= threshold {
+                to_evict -= 1;
+                dropped.evicted += 1;
+            } else {
+                fresh.insert(&entry, hash_of(slot))?;
+            }
+        }
+        *self = fresh;
+        Ok(dropped)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: u32) -> StoreKey {
+        // Spread over shards and table positions like SHA-256 output would be.
+        let mut k = [0u8; 32];
+        let h = u64::from(n).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(n) << 7;
+        k[..8].copy_from_slice(&h.to_le_bytes());
+        k[8..12].copy_from_slice(&n.to_le_bytes());
+        StoreKey(k)
+    }
+
+    fn entry(n: u32, expires_at: u64, hp: &[u8]) -> Entry<'_> {
+        Entry {
+            key: key(n),
+            expires_at,
+            header_payload: hp,
+        }
+    }
+
+    fn hp_of(store: &MapStore, n: u32, now: u64) -> Option<Vec<u8>> {
+        store
+            .lookup(&key(n), now, |l| match l {
+                Lookup::Hit { header_payload, .. } => Some(header_payload.to_vec()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn put_lookup_replace_expire_remove() {
+        let store = MapStore::new(1000);
+        store.put(&entry(1, 100, b"h.p"), 0).unwrap();
+        assert_eq!(hp_of(&store, 1, 99).as_deref(), Some(&b"h.p"[..]));
+        assert!(store
+            .lookup(&key(1), 100, |l| l == Lookup::Expired)
+            .unwrap());
+        assert!(store.lookup(&key(2), 0, |l| l == Lookup::Miss).unwrap());
+        store.put(&entry(1, 200, b"other"), 0).unwrap();
+        assert_eq!(hp_of(&store, 1, 150).as_deref(), Some(&b"other"[..]));
+        assert_eq!(store.len(), 1);
+        assert!(store.remove(&key(1)).unwrap());
+        assert!(!store.remove(&key(1)).unwrap());
+        assert_eq!(hp_of(&store, 1, 0), None);
+        assert!(store.is_empty());
+    }
+
+    #[test]
+    fn many_entries_stay_reachable_through_growth_removal_and_rebuilds() {
+        let store = MapStore::new(1 << 20);
+        let hp: Vec<u8> = (0..300u32).map(|i| b'a' + (i % 26) as u8).collect();
+        for n in 0..20_000 {
+            store
+                .put(&entry(n, 1_000, &hp[..(n % 300) as usize]), 0)
+                .unwrap();
+        }
+        // Remove every third: backward shifts, and rebuilds once garbage passes a quarter.
+        for n in (0..20_000).step_by(3) {
+            assert!(store.remove(&key(n)).unwrap(), "{n}");
+        }
+        for n in 0..20_000u32 {
+            let want = (n % 3 != 0).then(|| hp[..(n % 300) as usize].to_vec());
+            assert_eq!(hp_of(&store, n, 1), want, "{n}");
+        }
+        assert_eq!(store.len(), 20_000 - 6_667);
+    }
+
+    #[test]
+    fn expired_entries_are_swept_by_later_writes_and_counted() {
+        let store = MapStore::new(1 << 20);
+        for n in 0..5_000 {
+            store.put(&entry(n, 50, b"short"), 0).unwrap();
+        }
+        let mut expired = 0;
+        for n in 5_000..10_000 {
+            expired += store.put(&entry(n, 500, b"long"), 100).unwrap().expired;
+        }
+        assert_eq!(
+            expired, 5_000,
+            "each shard swept once the first expiry passed"
+        );
+        assert_eq!(store.len(), 5_000);
+        for n in 5_000..10_000 {
+            assert!(hp_of(&store, n, 101).is_some(), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_full_store_evicts_nearest_to_expiry_and_moves_the_epoch() {
+        let capacity = 2_000;
+        let store = MapStore::new(capacity);
+        for n in 0..capacity as u32 {
+            store
+                .put(&entry(n, 10_000 + u64::from(n), b"x"), 0)
+                .unwrap();
+        }
+        assert_eq!(store.epoch(), 0, "no eviction below capacity");
+        let mut evicted = 0;
+        for n in capacity as u32..(3 * capacity) as u32 {
+            evicted += store.put(&entry(n, 100_000, b"y"), 0).unwrap().evicted;
+            assert!(hp_of(&store, n, 0).is_some(), "the new entry is kept");
+        }
+        assert_eq!(store.len(), capacity);
+        assert_eq!(evicted, 2 * capacity as u32);
+        assert_ne!(store.epoch(), 0);
+        // Every eviction took an old entry (nearer to expiry) before any new one.
+        let old_left = (0..capacity as u32)
+            .filter(|&n| hp_of(&store, n, 0).is_some())
+            .count();
+        assert!(old_left < capacity / 4, "{old_left} old entries left");
+    }
+
+    #[test]
+    fn a_tiny_store_evicts_from_whichever_shard_holds_entries() {
+        let store = MapStore::new(2);
+        let mut evicted = 0;
+        for n in 0..3 {
+            evicted += store
+                .put(&entry(n, 100 + u64::from(n), b"x"), 0)
+                .unwrap()
+                .evicted;
+        }
+        assert_eq!((evicted, store.len()), (1, 2));
+        // Rewriting a stored token takes no room.
+        assert_eq!(store.put(&entry(2, 500, b"y"), 0).unwrap().evicted, 0);
+        assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn memory_is_given_back_as_tokens_leave() {
+        let store = MapStore::new(1 << 20);
+        let hp = vec![b'h'; 400];
+        for round in 0..20u64 {
+            for n in 0..2_000 {
+                let n = n + 2_000 * round as u32;
+                store
+                    .put(&entry(n, round * 20 + 15, &hp), round * 20)
+                    .unwrap();
+            }
+        }
+        // The last round's 2,000 tokens live (the others expired); the chunks hold about them,
+        // not the 40,000 written.
+        let used: usize = store
+            .shards
+            .iter()
+            .map(|s| s.lock().map_or(0, |s| s.used_bytes))
+            .sum();
+        assert!(used < 3 * 2_000 * (400 + ENTRY_FIXED), "{used} bytes");
+    }
+
+    #[test]
+    fn the_epoch_moves_on_every_bump() {
+        let store = MapStore::new(10);
+        assert_eq!(store.epoch(), 0);
+        store.bump_epoch();
+        assert_eq!(store.epoch(), 1);
+    }
+
+    #[test]
+    fn threads_share_it() {
+        let store = std::sync::Arc::new(MapStore::new(1 << 20));
+        let threads: Vec<_> = (0..8u32)
+            .map(|t| {
+                let store = std::sync::Arc::clone(&store);
+                std::thread::spawn(move || {
+                    for i in 0..2_000 {
+                        store.put(&entry(t * 10_000 + i, 100, b"h.p"), 0).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+        assert_eq!(store.len(), 16_000);
+        assert!(hp_of(&store, 7 * 10_000 + 1_999, 1).is_some());
+    }
+}
