@@ -72,7 +72,7 @@ lint: deps build build-native
 # Unit tests of the host-free core (plain cargo test); the flow's again with tokens in a host's map (the native build's store)
 unit: toolchain
     cargo test --workspace
-    SPLIT_TOKEN_SIM_STORE=map cargo test -p split-token-core --test flow
+    SPLIT_TOKEN_SIM_STORE=map cargo test -p split-token-core --features host-map --test flow
 
 # The whole suite runs under the .wasm, then again under the native dynamic module (one test
 # suite, two builds; tests of a Wasm VM skip there with their reason); then the suites whose

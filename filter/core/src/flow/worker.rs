@@ -11,12 +11,14 @@ use crate::issue::keys::{first_request, on_response, KeyRequest, KeyState, Outco
 use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use crate::stats::Counter;
 use crate::store::cache::LocalCache;
+#[cfg(feature = "host-map")]
 use crate::store::map::MapStore;
 use crate::store::{HostStatus, Store, Tokens};
 use crate::token::verify::KeySet;
 use crate::Config;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+#[cfg(feature = "host-map")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,6 +36,7 @@ pub(crate) struct Shared {
     pub(crate) lookups: Rc<Cell<u32>>,
     /// The host's process-wide token map, when it has one ([`Host::token_map`]); otherwise the
     /// tokens live in the slot store over shared data.
+    #[cfg(feature = "host-map")]
     pub(crate) map: Option<Arc<MapStore>>,
 }
 
@@ -147,10 +150,11 @@ fn slots<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H> {
 
 /// Where this worker's tokens live: the host's map, or slots in its shared data.
 pub(crate) fn tokens<'a, H: Host>(host: &'a H, shared: &'a Shared) -> Tokens<'a, H> {
-    match &shared.map {
-        Some(map) => Tokens::Map(map),
-        None => Tokens::Slots(slots(host, &shared.config)),
+    #[cfg(feature = "host-map")]
+    if let Some(map) = &shared.map {
+        return Tokens::Map(map);
     }
+    Tokens::Slots(slots(host, &shared.config))
 }
 
 impl Worker {
@@ -221,9 +225,13 @@ impl Worker {
         };
         host.define_counters();
         let cache = LocalCache::new(config.local_cache_entries);
-        let capacity =
-            (config.store_slots as usize).saturating_mul(usize::from(config.slot_capacity));
-        let map = host.token_map(&config.store_prefix, capacity);
+        #[cfg(feature = "host-map")]
+        let map = host.token_map(
+            &config.store_prefix,
+            (config.store_slots as usize).saturating_mul(usize::from(config.slot_capacity)),
+        );
+        #[cfg(not(feature = "host-map"))]
+        let map: Option<()> = None;
         // Create every slot now, so that no token is ever written to a missing key (Envoy's CAS
         // cannot guard key creation). Idempotent across VMs and reloads. The revocation epoch
         // needs nothing: a missing key is epoch 0, and its first bump creates it. A host's map
@@ -297,6 +305,7 @@ impl Worker {
             cache: RefCell::new(cache),
             leases: RefCell::new(leases),
             lookups: Rc::clone(&self.lookups),
+            #[cfg(feature = "host-map")]
             map,
         }));
         true

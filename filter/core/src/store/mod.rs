@@ -21,6 +21,7 @@
 //! is never written blind; only that fallback keeps the (tiny) creation race.
 
 pub mod cache;
+#[cfg(feature = "host-map")]
 pub mod map;
 
 use crate::token::StoreKey;
@@ -562,6 +563,7 @@ impl<H: SharedData> TokenStore for Store<'_, H> {
     }
 }
 
+#[cfg(feature = "host-map")]
 impl TokenStore for map::MapStore {
     fn lookup<R>(
         &self,
@@ -595,6 +597,7 @@ pub enum Tokens<'a, H: SharedData> {
     /// Slots in the host's shared data.
     Slots(Store<'a, H>),
     /// The host's process-wide map.
+    #[cfg(feature = "host-map")]
     Map(&'a map::MapStore),
 }
 
@@ -607,6 +610,7 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     ) -> Result<R, StoreError> {
         match self {
             Self::Slots(store) => store.lookup(key, now, read),
+            #[cfg(feature = "host-map")]
             Self::Map(store) => TokenStore::lookup(*store, key, now, read),
         }
     }
@@ -614,6 +618,7 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
         match self {
             Self::Slots(store) => store.put(entry, now),
+            #[cfg(feature = "host-map")]
             Self::Map(store) => store.put(entry, now),
         }
     }
@@ -621,6 +626,7 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
         match self {
             Self::Slots(store) => store.remove(key),
+            #[cfg(feature = "host-map")]
             Self::Map(store) => store.remove(key),
         }
     }
@@ -628,6 +634,7 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     fn epoch(&self) -> Result<u64, StoreError> {
         match self {
             Self::Slots(store) => store.epoch(),
+            #[cfg(feature = "host-map")]
             Self::Map(store) => Ok(store.epoch()),
         }
     }
@@ -635,6 +642,7 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     fn bump_epoch(&self) -> Result<(), StoreError> {
         match self {
             Self::Slots(store) => store.bump_epoch(),
+            #[cfg(feature = "host-map")]
             Self::Map(store) => {
                 store.bump_epoch();
                 Ok(())
