@@ -198,10 +198,10 @@ def scale_point(run_dir: Path, n: int, build: str = "wasm") -> tuple[Rig, dict, 
         raise
 
 
-def churn(run_dir: Path, slots: int, ttl: int, rate: int) -> dict:
+def churn(run_dir: Path, slots: int, ttl: int, rate: int, build: str = "wasm") -> dict:
     """Short-lived tokens issued at `rate`/s until 3x the store's capacity went through."""
     settings = {"token_paths": ["/token"], "store_slots": slots, "slot_capacity": 8, "local_cache_entries": 0}
-    rig = Rig(run_dir, settings, -ttl)
+    rig = Rig(run_dir, settings, -ttl, build)
     try:
         total = 3 * slots * 8
         samples = []
@@ -216,10 +216,10 @@ def churn(run_dir: Path, slots: int, ttl: int, rate: int) -> dict:
         steady = samples[len(samples) // 3][2]
         peak = max(m for _, _, m in samples[len(samples) // 3:])
         stats = rig.envoy.stats()
-        return {"slots": slots, "ttl": ttl, "issued": issued, "samples": samples,
+        return {"build": build, "slots": slots, "ttl": ttl, "issued": issued, "samples": samples,
                 "steady": steady, "peak": peak, "peak_over_steady": round(peak / steady, 3),
-                "evicted": stats.get("wasmcustom.split_token.store.evictions", 0),
-                "expired_dropped": stats.get("wasmcustom.split_token.store.expired_dropped", 0)}
+                "evicted": stats.get(counter(build, "store.evictions"), 0),
+                "expired_dropped": stats.get(counter(build, "store.expired_dropped"), 0)}
     finally:
         rig.stop()
 
@@ -234,7 +234,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    sizes = [1000, 10000] if args.quick else [int(s) for s in args.sizes.split(",")]
+    sizes = [1000, 10000] if args.quick else [int(s) for s in args.sizes.split(",") if s]
     native_sizes = [1000, 10000] if args.quick else [int(s) for s in args.native_sizes.split(",") if s]
     if native_sizes:
         if not stack.NATIVE_MODULE.is_file():
@@ -273,11 +273,14 @@ def main() -> int:
         for rig, _, _ in rigs:
             rig.stop()
     # Live tokens (rate x ttl) stay below the capacity (slots x 8); 3x the capacity goes through.
-    c = churn(run_dir, slots=256 if args.quick else 4096, ttl=3 if args.quick else 5,
-              rate=400 if args.quick else 2000)
-    print(json.dumps({k: v for k, v in c.items() if k != "samples"}), flush=True)
+    churns = {}
+    for build in ["wasm"] + (["native"] if native_sizes else []):
+        churns[build] = churn(run_dir, slots=256 if args.quick else 4096, ttl=3 if args.quick else 5,
+                              rate=400 if args.quick else 2000, build=build)
+        print(json.dumps({k: v for k, v in churns[build].items() if k != "samples"}), flush=True)
     if args.json:
-        args.json.write_text(json.dumps({"points": points, "native_points": native_points, "churn": c},
+        args.json.write_text(json.dumps({"points": points, "native_points": native_points,
+                                         "churn": churns["wasm"], "churn_native": churns.get("native")},
                                         indent=1))
     return 0
 

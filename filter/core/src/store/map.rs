@@ -20,18 +20,20 @@
 //! packs its entries into chunks (4 KiB, doubling to 64 KiB) as
 //!
 //! ```text
-//! entry = store_key[32] expires_at[u64 BE] len[u16 BE] header_payload[len]
+//! entry = store_key[4..32] expires_at[u32 BE] len[u16 BE] header_payload[len]
 //! ```
 //!
-//! (the slot format's entry), and finds them through an open-addressing table of `u64`s, each
-//! a 32-bit hash of the key and a 32-bit reference to the entry (linear probing, deletion by
-//! backward shift, at most 85% full, grown by half). So a token costs `header.payload` + 42 bytes
+//! and finds them through an open-addressing table of `u64`s, each a 32-bit reference to the
+//! entry and a 32-bit hash that is a (seeded) bijection of the key's first 4 bytes, which the
+//! entry therefore leaves out (linear probing, deletion by backward shift, at most 85% full,
+//! grown by half). `expires_at` saturates at 2106-02-07, which a token's stored expiry (at most
+//! `max_ttl_seconds` from its issue) never reaches. So a token costs `header.payload` + 34 bytes
 //! in its chunk plus 9 to 14 bytes of table, and a lookup reads one table line and one entry.
 //! Removed and replaced entries leave garbage in their chunk; a shard whose garbage passes a
 //! quarter of its bytes is rebuilt compactly (amortized: each byte written is copied at most a
 //! few times), which is also how expired entries leave.
 
-use super::{decode_entry, encode_entry, Entry, Lookup, PutReport, StoreError, ENTRY_FIXED};
+use super::{Entry, Lookup, PutReport, StoreError};
 use crate::token::StoreKey;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -45,6 +47,11 @@ pub const SWEEP_SECONDS: u64 = 10;
 /// A full store evicts this share of the writing shard's entries (those nearest to expiry) at
 /// once, so that writes into a full store cost a bounded amount each.
 pub const EVICT_SHARE: usize = 32;
+/// An entry's bytes besides its header.payload (see the module's layout).
+const ENTRY_FIXED: usize = KEY_TAIL + 4 + 2;
+/// The key's first 4 bytes are in the table (as its hash), the other 28 in the entry.
+const KEY_HEAD: usize = 4;
+const KEY_TAIL: usize = 32 - KEY_HEAD;
 const FIRST_CHUNK: usize = 4 << 10;
 const CHUNK: usize = 64 << 10;
 /// An entry's offset in its chunk: chunks hold at most 128 KiB (one entry of the largest
@@ -96,14 +103,18 @@ impl MapStore {
         self.len() == 0
     }
 
-    /// The shard of `key`, and the hash its table files it under.
+    /// The shard of `key`, and the hash its table files it under: a bijection of the key's
+    /// first 4 bytes (so equal hashes and equal tails are equal keys), keyed by the seed.
     fn index(&self, key: &StoreKey) -> (usize, u32) {
-        let word = key
-            .0
+        let (head, tail) = key.0.split_at(KEY_HEAD);
+        let head = <[u8; KEY_HEAD]>::try_from(head).map_or(0, u32::from_le_bytes);
+        let word = tail
             .first_chunk::<8>()
             .map_or(0, |w| u64::from_le_bytes(*w));
-        let hash = (word ^ self.seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        (((hash >> 26) as usize) % SHARDS, (hash >> 32) as u32)
+        let shard = ((word ^ self.seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 58) as usize;
+        // Odd multiplier: a bijection of u32, whose high bits (where `home` looks) mix all.
+        let hash = (head ^ self.seed as u32).wrapping_mul(0x9e37_79b1);
+        (shard % SHARDS, hash)
     }
 
     fn lock(&self, shard: usize) -> Result<MutexGuard<'_, Shard>, StoreError> {
@@ -156,7 +167,7 @@ impl MapStore {
         let (shard, tag) = self.shard(key)?;
         let found = shard
             .find(key, tag)
-            .and_then(|(_, reference)| shard.entry(reference));
+            .and_then(|(_, reference)| shard.stored(reference));
         Ok(read(match found {
             None => Lookup::Miss,
             Some(e) if e.expires_at <= now => Lookup::Expired,
@@ -188,7 +199,12 @@ impl MapStore {
         if shard.sweep_due(now) || shard.wasteful() {
             report.expired += shard.rebuild(now, None)?.expired;
         }
-        shard.insert(entry, tag)?;
+        let stored = Stored {
+            tail: entry.key.0.get(KEY_HEAD..).unwrap_or_default(),
+            expires_at: entry.expires_at,
+            header_payload: entry.header_payload,
+        };
+        shard.insert(&stored, tag)?;
         self.settle(before, shard.len);
         drop(shard);
         if report.evicted > 0 {
@@ -271,6 +287,13 @@ impl Default for Shard {
     }
 }
 
+/// An entry as a shard holds it: the key's last 28 bytes (the table holds the first 4).
+struct Stored<'a> {
+    tail: &'a [u8],
+    expires_at: u64,
+    header_payload: &'a [u8],
+}
+
 /// Where an entry with this hash starts looking in a table of `len` slots.
 fn home(hash: u32, len: usize) -> usize {
     ((u64::from(hash) * len as u64) >> 32) as usize
@@ -286,15 +309,24 @@ fn fits(entries: usize, slots: usize) -> bool {
 }
 
 impl Shard {
-    fn entry(&self, reference: u32) -> Option<Entry<'_>> {
+    fn stored(&self, reference: u32) -> Option<Stored<'_>> {
         let at = reference.checked_sub(1)?;
         let chunk = self.chunks.get((at >> OFFSET_BITS) as usize)?;
         let bytes = chunk.get((at as usize & (CHUNK_LIMIT - 1))..)?;
-        decode_entry(bytes).ok().map(|(entry, _)| entry)
+        let (tail, rest) = bytes.split_at_checked(KEY_TAIL)?;
+        let (exp, rest) = rest.split_first_chunk::<4>()?;
+        let (len, rest) = rest.split_first_chunk::<2>()?;
+        let header_payload = rest.get(..usize::from(u16::from_be_bytes(*len)))?;
+        Some(Stored {
+            tail,
+            expires_at: u64::from(u32::from_be_bytes(*exp)),
+            header_payload,
+        })
     }
 
     /// The table slot and reference of `key`'s entry.
     fn find(&self, key: &StoreKey, hash: u32) -> Option<(usize, u32)> {
+        let tail = key.0.get(KEY_HEAD..)?;
         let n = self.table.len();
         let mut i = home(hash, n);
         for _ in 0..n {
@@ -304,7 +336,7 @@ impl Shard {
             }
             if hash_of(slot) == hash {
                 let reference = slot as u32;
-                if self.entry(reference).is_some_and(|e| e.key == *key) {
+                if self.stored(reference).is_some_and(|e| e.tail == tail) {
                     return Some((i, reference));
                 }
             }
@@ -339,7 +371,7 @@ impl Shard {
         };
         let removed = std::mem::take(slot);
         let bytes = self
-            .entry(removed as u32)
+            .stored(removed as u32)
             .map_or(0, |e| ENTRY_FIXED + e.header_payload.len());
         self.live_bytes = self.live_bytes.saturating_sub(bytes);
         self.len = self.len.saturating_sub(1);
@@ -372,7 +404,7 @@ impl Shard {
     }
 
     /// Appends an entry to the last chunk (or a new one); its reference.
-    fn append(&mut self, entry: &Entry<'_>) -> Result<u32, StoreError> {
+    fn append(&mut self, entry: &Stored<'_>) -> Result<u32, StoreError> {
         let size = ENTRY_FIXED + entry.header_payload.len();
         let room = self
             .chunks
@@ -397,13 +429,18 @@ impl Shard {
             return Err(StoreError::Full { bytes: 0 });
         };
         let offset = chunk.len();
-        encode_entry(chunk, entry);
+        let expires_at = u32::try_from(entry.expires_at).unwrap_or(u32::MAX);
+        chunk.extend_from_slice(entry.tail);
+        chunk.extend_from_slice(&expires_at.to_be_bytes());
+        // Callers refuse a longer header.payload; see `MapStore::put`.
+        chunk.extend_from_slice(&(entry.header_payload.len() as u16).to_be_bytes());
+        chunk.extend_from_slice(entry.header_payload);
         self.used_bytes += size;
         Ok((((index as u32) << OFFSET_BITS) | offset as u32) + 1)
     }
 
     /// Stores an entry whose key is not in the shard.
-    fn insert(&mut self, entry: &Entry<'_>, hash: u32) -> Result<(), StoreError> {
+    fn insert(&mut self, entry: &Stored<'_>, hash: u32) -> Result<(), StoreError> {
         if !fits(self.len + 1, self.table.len()) {
             let grown = (self.table.len() + self.table.len() / 2).max(16);
             let mut table = vec![0u64; grown];
@@ -444,7 +481,7 @@ impl Shard {
             .table
             .iter()
             .filter(|&&s| s != 0)
-            .filter_map(|&s| self.entry(s as u32))
+            .filter_map(|&s| self.stored(s as u32))
             .map(|e| e.expires_at)
             .filter(|&exp| exp > now)
             .collect();
@@ -472,7 +509,7 @@ impl Shard {
         let (threshold, mut to_evict) = evict.unwrap_or((0, 0));
         let mut dropped = Dropped::default();
         for &slot in self.table.iter().filter(|&&s| s != 0) {
-            let Some(entry) = self.entry(slot as u32) else {
+            let Some(entry) = self.stored(slot as u32) else {
                 continue;
             };
             if entry.expires_at <= now {
