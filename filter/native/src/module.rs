@@ -36,6 +36,7 @@ use split_token_core::store::map::MapStore;
 use split_token_core::store::{HostStatus, SetError, SharedData};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, Weak};
@@ -123,7 +124,31 @@ thread_local! {
     /// inside the call that started it).
     static MAIN_DEFERRED: RefCell<Vec<(u64, u64, CalloutAnswer)>> = const { RefCell::new(Vec::new()) };
     /// This worker thread's worker of each config.
-    static WORKERS: RefCell<HashMap<u64, ThreadWorker>> = RefCell::new(HashMap::new());
+    static WORKERS: RefCell<ById<ThreadWorker>> = RefCell::new(ById::default());
+}
+
+/// A map keyed by config id. The ids are this module's own counter (`NEXT_CONFIG`), never a
+/// peer's input, so they need no keyed (SipHash) hash: the map is looked up on every stream.
+type ById<T> = HashMap<u64, T, BuildHasherDefault<IdHasher>>;
+
+/// Spreads a config id over the table (Fibonacci hashing).
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
 }
 
 /// A worker thread's worker of one config.
@@ -527,22 +552,25 @@ pub struct NativeFilter {
 pub fn filter_new(config: Arc<FilterConfig>) -> NativeFilter {
     let stream = WORKERS.with(|w| {
         let mut workers = w.try_borrow_mut().ok()?;
-        if !workers.contains_key(&config.id) {
-            workers.retain(|_, t| t.config.strong_count() > 0);
-            let mut worker = Worker::default();
-            // Parsed and accepted on the main thread already: this cannot fail but for the
-            // store, and then the stream is refused.
-            let _ = worker.configure(&Native::worker(&config, false), &config.bytes);
-            let thread_worker = ThreadWorker {
-                config: Arc::downgrade(&config),
-                worker,
-                adopted: 0,
-            };
-            workers.insert(config.id, thread_worker);
+        let take = |t: &mut ThreadWorker| {
+            config.keys.adopt_into(&t.worker, &mut t.adopted);
+            t.worker.stream()
+        };
+        // Every stream but a config's first on this thread: one lookup.
+        if let Some(t) = workers.get_mut(&config.id) {
+            return take(t);
         }
-        let t = workers.get_mut(&config.id)?;
-        config.keys.adopt_into(&t.worker, &mut t.adopted);
-        t.worker.stream()
+        workers.retain(|_, t| t.config.strong_count() > 0);
+        let mut worker = Worker::default();
+        // Parsed and accepted on the main thread already: this cannot fail but for the
+        // store, and then the stream is refused.
+        let _ = worker.configure(&Native::worker(&config, false), &config.bytes);
+        let thread_worker = ThreadWorker {
+            config: Arc::downgrade(&config),
+            worker,
+            adopted: 0,
+        };
+        take(workers.entry(config.id).or_insert(thread_worker))
     });
     NativeFilter {
         config,
