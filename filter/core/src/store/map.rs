@@ -11,8 +11,9 @@
 //!   entries are dropped by the next write of their shard once due ([`SWEEP_SECONDS`]);
 //! - bounded whatever the churn: at most `capacity` tokens (the configuration's
 //!   `store_slots × slot_capacity`; writes racing on other threads may pass it by one each); a
-//!   write into a full store first evicts the `1/EVICT_SHARE` of entries nearest to expiry from
-//!   its shard (or the next shard holding any), and moves the epoch;
+//!   write into a full store first drops expired entries, and only when there are none evicts
+//!   the `1/EVICT_SHARE` of entries nearest to expiry from its shard (or the next shard holding
+//!   any), and moves the epoch;
 //! - a revocation moves one epoch that every worker's cache reads, so all see it at once.
 //!
 //! Layout. The map is [`SHARDS`] shards behind their own `Mutex`, picked by the key, so workers
@@ -134,16 +135,29 @@ impl MapStore {
         Ok((self.lock(shard)?, hash))
     }
 
-    /// Evicts from the shard of `key`, or the next one holding any entry: one lock at a time,
-    /// so writers never wait on each other in a cycle. Nothing when `key` is stored already (a
-    /// rewrite takes no room).
+    /// Makes room for one more token: drops the expired entries of the first shard holding any
+    /// (from the shard of `key` on), or else evicts from the shard of `key` (or the next one
+    /// holding any entry). One lock at a time, so writers never wait on each other in a cycle.
+    /// Nothing when `key` is stored already (a rewrite takes no room).
     fn make_room(&self, key: &StoreKey, now: u64) -> Result<Dropped, StoreError> {
         let (first, hash) = self.index(key);
+        if self.lock(first)?.find(key, hash).is_some() {
+            return Ok(Dropped::default());
+        }
         for step in 0..SHARDS {
             let mut shard = self.lock((first + step) % SHARDS)?;
-            if step == 0 && shard.find(key, hash).is_some() {
-                break;
+            if now < shard.earliest {
+                continue;
             }
+            let before = shard.len;
+            let dropped = shard.rebuild(now, None);
+            self.settle(before, shard.len);
+            if shard.len < before {
+                return dropped;
+            }
+        }
+        for step in 0..SHARDS {
+            let mut shard = self.lock((first + step) % SHARDS)?;
             if shard.len == 0 {
                 continue;
             }
@@ -653,6 +667,23 @@ mod tests {
         // Rewriting a stored token takes no room.
         assert_eq!(store.put(&entry(2, 500, b"y"), 0).unwrap().evicted, 0);
         assert_eq!(store.len(), 2);
+    }
+
+    #[test]
+    fn a_full_store_drops_expired_entries_before_evicting_live_ones() {
+        let store = MapStore::new(1_000);
+        for n in 0..1_000 {
+            store.put(&entry(n, 50, b"old"), 0).unwrap();
+        }
+        let mut report = PutReport::default();
+        for n in 1_000..2_000 {
+            let r = store.put(&entry(n, 500, b"new"), 60).unwrap();
+            report.evicted += r.evicted;
+            report.expired += r.expired;
+        }
+        assert_eq!((report.evicted, report.expired), (0, 1_000));
+        assert_eq!(store.epoch(), 0, "nothing evicted: no cache to empty");
+        assert!((1_000..2_000).all(|n| hp_of(&store, n, 61).is_some()));
     }
 
     #[test]
