@@ -735,4 +735,295 @@ mod tests {
         assert_eq!(store.len(), 16_000);
         assert!(hp_of(&store, 7 * 10_000 + 1_999, 1).is_some());
     }
+
+    /// A deterministic xorshift64* generator: the randomized tests below are seeded, never
+    /// timed.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// The table's invariants in every shard: each occupied slot holds a decodable entry and
+    /// every slot from its home to it is occupied (so `find` reaches it), no two slots hold
+    /// the same key or reference, counts and byte totals match; returns the entries held.
+    fn check_invariants(store: &MapStore) -> usize {
+        let mut total = 0;
+        for shard in &store.shards {
+            let shard = shard.lock().unwrap();
+            let n = shard.table.len();
+            let mut live = 0;
+            let mut bytes = 0;
+            let mut seen = std::collections::HashSet::new();
+            for (i, &slot) in shard.table.iter().enumerate() {
+                if slot == 0 {
+                    continue;
+                }
+                live += 1;
+                let entry = shard.stored(slot as u32).expect("a decodable entry");
+                bytes += ENTRY_FIXED + entry.header_payload.len();
+                assert!(
+                    seen.insert((hash_of(slot), entry.tail.to_vec())),
+                    "one slot per key"
+                );
+                let mut j = home(hash_of(slot), n);
+                while j != i {
+                    assert_ne!(shard.table[j], 0, "a hole between home {j} and slot {i}");
+                    j = (j + 1) % n;
+                }
+            }
+            assert_eq!(live, shard.len);
+            assert_eq!(bytes, shard.live_bytes);
+            assert!(shard.used_bytes >= shard.live_bytes);
+            assert!(fits(shard.len, n.max(16)));
+            total += live;
+        }
+        assert_eq!(total, store.len(), "the live counter matches the shards");
+        total
+    }
+
+    /// Keys of a pool where about half share their first 12 bytes with others (one shard,
+    /// one hash: long probe runs), the rest random.
+    fn key_pool(rng: &mut Rng, size: usize) -> Vec<StoreKey> {
+        let prefixes: Vec<[u8; 12]> = (0..3)
+            .map(|_| {
+                let mut p = [0u8; 12];
+                p[..8].copy_from_slice(&rng.next().to_le_bytes());
+                p[8..].copy_from_slice(&rng.next().to_le_bytes()[..4]);
+                p
+            })
+            .collect();
+        let mut keys = std::collections::HashSet::new();
+        while keys.len() < size {
+            let mut k = [0u8; 32];
+            for chunk in k.chunks_mut(8) {
+                chunk.copy_from_slice(&rng.next().to_le_bytes());
+            }
+            if rng.below(2) == 0 {
+                let p = &prefixes[rng.below(3) as usize];
+                k[..12].copy_from_slice(p);
+            }
+            keys.insert(k);
+        }
+        let mut keys: Vec<StoreKey> = keys.into_iter().map(StoreKey).collect();
+        keys.sort_by_key(|k| k.0);
+        keys
+    }
+
+    fn payload(n: usize, version: u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| b'a' + ((n as u64 + version + i as u64) % 26) as u8)
+            .collect()
+    }
+
+    /// Randomized (fixed seed) runs against a `HashMap` model: puts (new and replacing),
+    /// removals, lookups and time passing. Without eviction every lookup answers as the model
+    /// does; with eviction a lookup never answers what the model does not hold, and a token
+    /// missing early is always one whose eviction moved the epoch after it was stored.
+    fn differential(seed: u64, capacity: usize, ops: usize) {
+        let mut rng = Rng(seed);
+        let keys = key_pool(&mut rng, 3_000);
+        let store = MapStore::new(capacity);
+        // key index -> (expires_at, header.payload, epoch when stored)
+        let mut model: std::collections::HashMap<usize, (u64, Vec<u8>, u64)> =
+            std::collections::HashMap::new();
+        let mut now = 1_000u64;
+        let mut version = 0u64;
+        for op in 0..ops {
+            let k = rng.below(keys.len() as u64) as usize;
+            match rng.below(100) {
+                0..=44 => {
+                    version += 1;
+                    let len = match rng.below(10) {
+                        0 => rng.below(3_000) as usize,
+                        _ => rng.below(400) as usize,
+                    };
+                    let hp = payload(k, version, len);
+                    let expires_at = now + 1 + rng.below(120);
+                    let epoch = store.epoch();
+                    let report = store
+                        .put(
+                            &Entry {
+                                key: keys[k],
+                                expires_at,
+                                header_payload: &hp,
+                            },
+                            now,
+                        )
+                        .unwrap();
+                    if report.evicted > 0 {
+                        assert!(
+                            store.epoch() > epoch,
+                            "op {op}: an eviction moves the epoch"
+                        );
+                    }
+                    model.insert(k, (expires_at, hp, store.epoch()));
+                }
+                45..=59 => {
+                    let had = store.remove(&keys[k]).unwrap();
+                    let modelled = model.remove(&k).is_some();
+                    // Expired or evicted entries may be gone already: only a modelled one is
+                    // ever found.
+                    assert!(!had || modelled, "op {op}: removed what was never stored");
+                    assert!(store.lookup(&keys[k], now, |l| l == Lookup::Miss).unwrap());
+                }
+                60..=94 => {
+                    let got = store
+                        .lookup(&keys[k], now, |l| match l {
+                            Lookup::Hit {
+                                header_payload,
+                                expires_at,
+                            } => Some(Some((expires_at, header_payload.to_vec()))),
+                            Lookup::Expired => Some(None),
+                            Lookup::Miss => None,
+                        })
+                        .unwrap();
+                    match (model.get(&k), got) {
+                        (None, None) => {}
+                        (None, Some(_)) => panic!("op {op}: found a key not stored"),
+                        (Some((exp, hp, _)), Some(Some((got_exp, got_hp)))) => {
+                            assert!(*exp > now, "op {op}: a hit past expiry");
+                            assert_eq!((*exp, hp), (got_exp, &got_hp), "op {op}");
+                        }
+                        (Some((exp, _, _)), Some(None)) => {
+                            assert!(*exp <= now, "op {op}: expired early");
+                        }
+                        (Some((exp, _, stored_at)), None) => {
+                            // Swept after expiry, or evicted (which moved the epoch).
+                            assert!(
+                                *exp <= now || store.epoch() > *stored_at,
+                                "op {op}: lost without an eviction"
+                            );
+                            assert!(
+                                *exp <= now || capacity < keys.len(),
+                                "op {op}: lost below capacity"
+                            );
+                        }
+                    }
+                }
+                _ => now += rng.below(15),
+            }
+            if op % 1_000 == 0 {
+                check_invariants(&store);
+            }
+            assert!(store.len() <= capacity, "op {op}: {} held", store.len());
+        }
+        check_invariants(&store);
+        // What is left answers as the model does (for the entries not evicted).
+        for (k, (exp, hp, stored_at)) in &model {
+            let got = hp_of_key(&store, &keys[*k], now);
+            match got {
+                Some(got) => assert_eq!(&got, hp),
+                None => assert!(*exp <= now || store.epoch() > *stored_at),
+            }
+        }
+    }
+
+    fn hp_of_key(store: &MapStore, key: &StoreKey, now: u64) -> Option<Vec<u8>> {
+        store
+            .lookup(key, now, |l| match l {
+                Lookup::Hit { header_payload, .. } => Some(header_payload.to_vec()),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn differential_against_a_model_without_eviction() {
+        differential(0x5eed_0001, 1 << 20, 40_000);
+    }
+
+    #[test]
+    fn differential_against_a_model_with_eviction() {
+        differential(0x5eed_0002, 400, 40_000);
+        differential(0x5eed_0003, 3, 5_000);
+    }
+
+    /// The inverse of an odd `u32` modulo 2^32 (Newton's iteration).
+    fn inverse(a: u32) -> u32 {
+        let mut x = a;
+        for _ in 0..5 {
+            x = x.wrapping_mul(2u32.wrapping_sub(a.wrapping_mul(x)));
+        }
+        x
+    }
+
+    /// With a known seed, keys aimed at the table's last slot and first slots: their probe
+    /// runs wrap around, and backward-shift deletion must keep every one reachable.
+    #[test]
+    fn probe_runs_wrapping_around_the_table_survive_removals() {
+        let store = MapStore {
+            seed: 0,
+            ..MapStore::new(1 << 20)
+        };
+        let head_for = |hash: u32| hash.wrapping_mul(inverse(0x9e37_79b1));
+        let targets = [u32::MAX, u32::MAX - 1, 0, 1, 0x1000_0000, 0xf000_0000];
+        let mut rng = Rng(0x5eed_0004);
+        let mut keys = Vec::new();
+        for i in 0..60u32 {
+            let mut k = [7u8; 32];
+            let hash = targets[(i as usize) % targets.len()];
+            k[..4].copy_from_slice(&head_for(hash).to_le_bytes());
+            // One shard for all: bytes 4..12 equal; keys differ in the rest.
+            k[12..16].copy_from_slice(&i.to_le_bytes());
+            let key = StoreKey(k);
+            assert_eq!(store.index(&key).1, hash, "the hash is the bijection");
+            keys.push(key);
+        }
+        for round in 0..20u64 {
+            let mut present: Vec<usize> = Vec::new();
+            for (i, key) in keys.iter().enumerate() {
+                if rng.below(3) != 0 {
+                    let hp = payload(i, round, 10);
+                    let e = Entry {
+                        key: *key,
+                        expires_at: 10_000,
+                        header_payload: &hp,
+                    };
+                    store.put(&e, 0).unwrap();
+                    present.push(i);
+                }
+            }
+            check_invariants(&store);
+            while let Some(at) = (!present.is_empty()).then(|| rng.below(present.len() as u64)) {
+                let i = present.swap_remove(at as usize);
+                assert!(store.remove(&keys[i]).unwrap());
+                for &j in &present {
+                    assert_eq!(
+                        hp_of_key(&store, &keys[j], 1),
+                        Some(payload(j, round, 10)),
+                        "round {round}: key {j} lost after removing {i}"
+                    );
+                }
+                assert_eq!(hp_of_key(&store, &keys[i], 1), None);
+            }
+            check_invariants(&store);
+            assert!(store.is_empty());
+        }
+    }
+
+    #[test]
+    fn expiry_past_2106_saturates_to_an_earlier_expiry_never_a_later_one() {
+        let store = MapStore::new(10);
+        store.put(&entry(1, u64::MAX, b"h.p"), 0).unwrap();
+        let limit = u64::from(u32::MAX);
+        assert!(store
+            .lookup(&key(1), limit - 1, |l| matches!(
+                l,
+                Lookup::Hit { expires_at, .. } if expires_at == limit
+            ))
+            .unwrap());
+        assert!(store
+            .lookup(&key(1), limit, |l| l == Lookup::Expired)
+            .unwrap());
+    }
 }
