@@ -752,7 +752,9 @@ pub fn adopt<S: TokenStore, H: SharedData>(
             Ok(None)
         }
         Err(e) => {
+            // A worker may have cached it in between: the epoch tells every cache.
             let _ = store.remove(&key);
+            let _ = store.bump_epoch();
             Err(e)
         }
     }

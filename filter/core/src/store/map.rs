@@ -8,13 +8,14 @@
 //!
 //! - keyed by SHA-256 of the signature, holding `header.payload` only (never the signature);
 //! - a token expires with its JWT: a lookup past `exp` is [`Lookup::Expired`], and expired
-//!   entries are dropped by the next write of their shard once due ([`SWEEP_SECONDS`]);
+//!   entries are dropped by a later write of their shard (see below);
 //! - bounded whatever the churn: at most `capacity` tokens (the configuration's
 //!   `store_slots × slot_capacity`; writes racing on other threads may pass it by one each); a
 //!   write into a full store first drops expired entries, and only when there are none evicts
 //!   the `1/EVICT_SHARE` of entries nearest to expiry from its shard (or the next shard holding
-//!   any), and moves the epoch;
-//! - a revocation moves one epoch that every worker's cache reads, so all see it at once.
+//!   any, and at least down to a lowered capacity), moving the epoch before it lets the shard go;
+//! - a removal (revocation) moves one epoch that every worker's cache reads, under the shard's
+//!   lock, so all see it at once.
 //!
 //! Layout. The map is [`SHARDS`] shards behind their own `Mutex`, picked by the key, so workers
 //! rarely contend; a read holds its shard's lock only while the caller reads the entry. A shard
@@ -31,8 +32,11 @@
 //! `max_ttl_seconds` from its issue) never reaches. So a token costs `header.payload` + 34 bytes
 //! in its chunk plus 9 to 14 bytes of table, and a lookup reads one table line and one entry.
 //! Removed and replaced entries leave garbage in their chunk; a shard whose garbage passes a
-//! quarter of its bytes is rebuilt compactly (amortized: each byte written is copied at most a
-//! few times), which is also how expired entries leave.
+//! quarter of its bytes is rebuilt compactly (amortized: a removal or replacement pays for about
+//! three entries' copies). Expired entries leave the same way: a write at least
+//! [`SWEEP_SECONDS`] after the shard's first expiry samples [`SWEEP_SAMPLE`] of its entries, and
+//! rebuilds it when at least 1 in [`SWEEP_SHARE`] has expired (always when the store is full).
+//! A rebuild holds the shard's lock while it copies the shard (1/64 of the store).
 
 use super::{Entry, Lookup, PutReport, StoreError};
 use crate::token::StoreKey;
@@ -43,8 +47,12 @@ use std::sync::{Mutex, MutexGuard};
 /// Shards of a map: enough that workers rarely wait for each other, few enough that the
 /// unfilled end of each shard's last chunk stays small next to the tokens.
 pub const SHARDS: usize = 64;
-/// Expired entries are swept from a shard at most this often (seconds), by its next write.
+/// Expired entries are looked for in a shard at most this often (seconds), by its next write.
 pub const SWEEP_SECONDS: u64 = 10;
+/// A shard is swept when at least 1 in this many of the entries sampled has expired...
+pub const SWEEP_SHARE: usize = 8;
+/// ...of this many, spread over its table.
+const SWEEP_SAMPLE: usize = 32;
 /// A full store evicts this share of the writing shard's entries (those nearest to expiry) at
 /// once, so that writes into a full store cost a bounded amount each.
 pub const EVICT_SHARE: usize = 32;
@@ -56,7 +64,7 @@ const KEY_TAIL: usize = 32 - KEY_HEAD;
 const FIRST_CHUNK: usize = 4 << 10;
 const CHUNK: usize = 64 << 10;
 /// An entry's offset in its chunk: chunks hold at most 128 KiB (one entry of the largest
-/// header.payload, 42 + 65,535 bytes, fits).
+/// header.payload, 34 + 65,535 bytes, fits).
 const OFFSET_BITS: u32 = 17;
 const CHUNK_LIMIT: usize = 1 << OFFSET_BITS;
 /// Chunks a shard can address: 32,767 of 64 KiB, 2 GiB per shard.
@@ -89,7 +97,7 @@ impl MapStore {
     }
 
     /// Changes the most tokens it holds (a new configuration of the same store): the next
-    /// writes evict down to it.
+    /// writes evict down to it (one shard's worth each).
     pub fn set_capacity(&self, capacity: usize) {
         self.capacity.store(capacity.max(1), Ordering::Relaxed);
     }
@@ -141,8 +149,11 @@ impl MapStore {
     /// Nothing when `key` is stored already (a rewrite takes no room).
     fn make_room(&self, key: &StoreKey, now: u64) -> Result<Dropped, StoreError> {
         let (first, hash) = self.index(key);
-        if self.lock(first)?.find(key, hash).is_some() {
-            return Ok(Dropped::default());
+        {
+            let shard = self.lock(first)?;
+            if shard.find(key, hash).is_some() {
+                return Ok(Dropped::default());
+            }
         }
         for step in 0..SHARDS {
             let mut shard = self.lock((first + step) % SHARDS)?;
@@ -156,18 +167,35 @@ impl MapStore {
                 return dropped;
             }
         }
+        // At least down to the capacity (it may have been lowered): shard after shard.
+        let mut need = (self.len() + 1)
+            .saturating_sub(self.capacity.load(Ordering::Relaxed))
+            .max(1);
+        let mut total = Dropped::default();
         for step in 0..SHARDS {
             let mut shard = self.lock((first + step) % SHARDS)?;
             if shard.len == 0 {
                 continue;
             }
             let before = shard.len;
-            let count = (shard.len / EVICT_SHARE).max(1);
+            let count = (shard.len / EVICT_SHARE).max(need).clamp(1, shard.len);
             let dropped = shard.evict(now, count);
             self.settle(before, shard.len);
-            return dropped;
+            let dropped = dropped?;
+            if dropped.evicted > 0 {
+                // An evicted token is still valid and may sit in workers' caches, where a later
+                // revocation (which finds nothing here) could not reach it: moved before the
+                // shard is let go, so no revocation can come in between.
+                self.bump_epoch();
+            }
+            total.evicted += dropped.evicted;
+            total.expired += dropped.expired;
+            need = need.saturating_sub(before - shard.len.min(before));
+            if need == 0 {
+                break;
+            }
         }
-        Ok(Dropped::default())
+        Ok(total)
     }
 
     /// Looks `key` up and hands what it found to `read`, which runs while the entry is
@@ -210,23 +238,20 @@ impl MapStore {
         if let Some((slot, _)) = shard.find(&entry.key, tag) {
             shard.remove_at(slot);
         }
-        if shard.sweep_due(now) || shard.wasteful() {
-            report.expired += shard.rebuild(now, None)?.expired;
-        }
-        let stored = Stored {
-            tail: entry.key.0.get(KEY_HEAD..).unwrap_or_default(),
-            expires_at: entry.expires_at,
-            header_payload: entry.header_payload,
-        };
-        shard.insert(&stored, tag)?;
+        let written = (|| {
+            if shard.sweep_due(now) || shard.wasteful() {
+                report.expired += shard.rebuild(now, None)?.expired;
+            }
+            let stored = Stored {
+                tail: entry.key.0.get(KEY_HEAD..).unwrap_or_default(),
+                expires_at: entry.expires_at,
+                header_payload: entry.header_payload,
+            };
+            shard.insert(&stored, tag)
+        })();
+        // Whatever happened to the shard, the total follows it.
         self.settle(before, shard.len);
-        drop(shard);
-        if report.evicted > 0 {
-            // An evicted token is still valid and may sit in workers' caches, where a later
-            // revocation (which finds nothing here) could not reach it.
-            self.bump_epoch();
-        }
-        Ok(report)
+        written.map(|()| report)
     }
 
     /// Removes the entry for `key` (a revocation); whether there was one, expired or not.
@@ -237,9 +262,13 @@ impl MapStore {
         };
         let before = shard.len;
         shard.remove_at(slot);
+        // Moved here, under the lock, so no caller can remove without every cache hearing of it
+        // (callers that move the epoch themselves only move it once more).
+        self.bump_epoch();
         if shard.wasteful() {
-            // No clock here: nothing counts as expired, and the sweep keeps its schedule.
-            shard.rebuild(0, None)?;
+            // No clock here: nothing counts as expired, and the sweep keeps its schedule. A
+            // failed rebuild leaves the shard as it was, garbage included: the removal stands.
+            let _ = shard.rebuild(0, None);
         }
         self.settle(before, shard.len);
         Ok(true)
@@ -478,9 +507,26 @@ impl Shard {
         Ok(())
     }
 
-    /// Whether expired entries are due to be swept.
-    fn sweep_due(&self, now: u64) -> bool {
-        now >= self.earliest && now >= self.next_sweep
+    /// Whether expired entries are due to be swept: some expired, the last look was at least
+    /// [`SWEEP_SECONDS`] ago, and at least 1 in [`SWEEP_SHARE`] of [`SWEEP_SAMPLE`] entries
+    /// spread over the table has expired (so long-lived tokens are not copied on every sweep).
+    fn sweep_due(&mut self, now: u64) -> bool {
+        if now < self.earliest || now < self.next_sweep {
+            return false;
+        }
+        self.next_sweep = now.saturating_add(SWEEP_SECONDS);
+        let n = self.table.len();
+        let (mut seen, mut expired) = (0usize, 0usize);
+        for k in 0..SWEEP_SAMPLE {
+            let Some(&slot) = self.table.get(k * n / SWEEP_SAMPLE) else {
+                continue;
+            };
+            if let Some(e) = self.stored(slot as u32) {
+                seen += 1;
+                expired += usize::from(e.expires_at <= now);
+            }
+        }
+        expired * SWEEP_SHARE >= seen.max(1)
     }
 
     /// Whether garbage passed a quarter of the chunks' bytes.
@@ -684,6 +730,29 @@ mod tests {
         assert_eq!((report.evicted, report.expired), (0, 1_000));
         assert_eq!(store.epoch(), 0, "nothing evicted: no cache to empty");
         assert!((1_000..2_000).all(|n| hp_of(&store, n, 61).is_some()));
+    }
+
+    #[test]
+    fn a_lowered_capacity_is_reached_by_the_next_writes() {
+        let store = MapStore::new(2_000);
+        for n in 0..2_000 {
+            store.put(&entry(n, 1_000 + u64::from(n), b"x"), 0).unwrap();
+        }
+        store.set_capacity(100);
+        for n in 2_000..2_200 {
+            store.put(&entry(n, 5_000, b"y"), 0).unwrap();
+        }
+        assert!(store.len() <= 100, "{} held", store.len());
+    }
+
+    #[test]
+    fn a_removal_moves_the_epoch_itself() {
+        let store = MapStore::new(10);
+        store.put(&entry(1, 100, b"x"), 0).unwrap();
+        assert!(!store.remove(&key(2)).unwrap());
+        assert_eq!(store.epoch(), 0, "nothing removed, nothing to tell");
+        assert!(store.remove(&key(1)).unwrap());
+        assert_ne!(store.epoch(), 0);
     }
 
     #[test]
