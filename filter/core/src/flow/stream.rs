@@ -77,7 +77,8 @@ pub struct Stream {
 /// What a held request or response waits for.
 enum Pending {
     /// Keys to verify a split token.
-    Keys(SplitPlan, KeyRequest),
+    /// Waiting for keys: the token, the request and when it was sent (ms).
+    Keys(SplitPlan, KeyRequest, u64),
     /// The split token's write to etcd, before the client gets it.
     Publish { plan: SplitPlan, step: LeaseStep },
     /// A signature this replica does not hold, looked for in etcd; the slot counts it as under
@@ -839,7 +840,7 @@ impl Stream {
         match self.check(h, &plan) {
             Check::Verified => self.publish_then_issue(h, plan),
             Check::Wait(token, request) => {
-                self.pending = Some(Pending::Keys(plan, request));
+                self.pending = Some(Pending::Keys(plan, request, h.now_ms()));
                 self.state = State::Waiting(token);
                 Action::Pause
             }
@@ -962,6 +963,7 @@ impl Stream {
         h: &H,
         plan: SplitPlan,
         request: KeyRequest,
+        sent_ms: u64,
         answer: Answer,
     ) -> Action {
         let now = h.now_s();
@@ -973,7 +975,7 @@ impl Stream {
                 .map(|v| dispatch_key_request(h, v, &next))
             {
                 Some(Ok(token)) => {
-                    self.pending = Some(Pending::Keys(plan, next));
+                    self.pending = Some(Pending::Keys(plan, next, h.now_ms()));
                     self.state = State::Waiting(token);
                     Action::Pause
                 }
@@ -981,7 +983,10 @@ impl Stream {
             },
             Outcome::Keys { keys, jwks_path } => {
                 h.bump(Counter::KeysFetched);
-                self.shared.keys.borrow_mut().loaded(keys, jwks_path, now);
+                self.shared
+                    .keys
+                    .borrow_mut()
+                    .loaded(keys, jwks_path, now, sent_ms);
                 self.verify_then_issue(h, plan)
             }
             Outcome::Failed(e) => {
@@ -1018,7 +1023,9 @@ impl Stream {
             .unwrap_or_default();
         // Token responses are held in the response path, lifecycle calls in the request path.
         let (action, response) = match pending {
-            Pending::Keys(plan, request) => (self.on_keys(h, plan, request, answer), true),
+            Pending::Keys(plan, request, sent_ms) => {
+                (self.on_keys(h, plan, request, sent_ms, answer), true)
+            }
             Pending::Publish { plan, step } => {
                 let answer = h.answer(answer);
                 let next = {

@@ -52,6 +52,8 @@ pub struct LoadedKeys {
     keys: KeySet,
     jwks_path: String,
     loaded_at: u64,
+    /// When the request that loaded them was sent ([`KeyState::sent_ms`]).
+    sent_ms: u64,
     /// The loading worker's [`KeyState::loads`] when these were loaded.
     load: u64,
 }
@@ -68,8 +70,8 @@ impl LoadedKeys {
 pub struct Worker {
     shared: Option<Rc<Shared>>,
     lookups: Rc<Cell<u32>>,
-    /// The periodic key fetch under way: its call token and request.
-    periodic: Option<(u32, KeyRequest)>,
+    /// The periodic key fetch under way: its call token, request and when it was sent (ms).
+    periodic: Option<(u32, KeyRequest, u64)>,
     /// This worker's number in the process, which names it as the revocation poller.
     worker: u64,
     /// Whether this worker held the poller's lease at its last tick.
@@ -181,13 +183,16 @@ impl Worker {
             keys: keys.keys.clone()?,
             jwks_path: keys.jwks_path.clone()?,
             loaded_at: keys.loaded_at,
+            sent_ms: keys.sent_ms,
             load: keys.loads,
         })
     }
 
     /// Takes over keys another worker of the same configuration loaded, as if this worker had
     /// fetched them itself at that time. `false` (nothing changed) when this worker verifies
-    /// against no remote JWKS, so keys of another configuration can never replace inline ones.
+    /// against no remote JWKS, so keys of another configuration can never replace inline ones,
+    /// and when its own keys were asked for later (an on-demand fetch sent after the other
+    /// worker's: it may be the only one that saw the IdP drop a key).
     pub fn adopt_keys(&self, keys: &LoadedKeys) -> bool {
         let Some(shared) = self.shared.as_ref() else {
             return false;
@@ -197,13 +202,16 @@ impl Worker {
             .verify
             .as_ref()
             .is_some_and(|v| matches!(v.source, KeySource::Remote { .. }));
-        if !remote {
+        let mut own = shared.keys.borrow_mut();
+        if !remote || (own.keys.is_some() && own.sent_ms > keys.sent_ms) {
             return false;
         }
-        shared
-            .keys
-            .borrow_mut()
-            .loaded(keys.keys.clone(), keys.jwks_path.clone(), keys.loaded_at);
+        own.loaded(
+            keys.keys.clone(),
+            keys.jwks_path.clone(),
+            keys.loaded_at,
+            keys.sent_ms,
+        );
         true
     }
 
@@ -344,11 +352,11 @@ impl Worker {
             self.on_poll_answer(host, &shared, answer);
             return;
         }
-        let Some((periodic, request)) = self.periodic.take() else {
+        let Some((periodic, request, sent_ms)) = self.periodic.take() else {
             return;
         };
         if periodic != token {
-            self.periodic = Some((periodic, request));
+            self.periodic = Some((periodic, request, sent_ms));
             return;
         }
         shared.keys.borrow_mut().periodic_in_flight = false;
@@ -364,7 +372,10 @@ impl Worker {
                         keys.keys.len()
                     ),
                 );
-                shared.keys.borrow_mut().loaded(keys, jwks_path, now);
+                shared
+                    .keys
+                    .borrow_mut()
+                    .loaded(keys, jwks_path, now, sent_ms);
             }
             Outcome::Failed(e) => {
                 host.bump(Counter::KeyFetchFailures);
@@ -379,10 +390,11 @@ impl Worker {
             return;
         };
         let now = host.now_s();
+        let sent_ms = host.now_ms();
         match dispatch_key_request(host, verify, &request) {
             Ok(token) => {
                 shared.keys.borrow_mut().periodic_in_flight = true;
-                self.periodic = Some((token, request));
+                self.periodic = Some((token, request, sent_ms));
             }
             Err(status) => {
                 host.log(Level::Warn, &format!("cannot start key fetch: {status}"));

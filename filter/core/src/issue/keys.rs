@@ -163,6 +163,9 @@ pub struct KeyState {
     /// How many times the keys were replaced: a host that shares one worker's keys with others
     /// hands them on when this moves (see `flow::Worker::loaded_keys`).
     pub loads: u64,
+    /// When the request that loaded the keys was sent (Unix milliseconds): of two key sets, the
+    /// one asked for later is the newer, whichever answer came back first.
+    pub sent_ms: u64,
 }
 
 impl KeyState {
@@ -203,10 +206,12 @@ impl KeyState {
         self.next_attempt_at = now.saturating_add(Self::RETRY_SECONDS);
     }
 
-    pub fn loaded(&mut self, keys: KeySet, jwks_path: String, now: u64) {
+    /// Takes keys loaded at `now` by a JWKS request sent at `sent_ms` (Unix milliseconds).
+    pub fn loaded(&mut self, keys: KeySet, jwks_path: String, now: u64, sent_ms: u64) {
         self.keys = Some(keys);
         self.jwks_path = Some(jwks_path);
         self.loaded_at = now;
+        self.sent_ms = sent_ms;
         self.loads = self.loads.wrapping_add(1);
     }
 }
@@ -343,7 +348,7 @@ mod tests {
         assert!(!s.refetch_allowed(&c, 14));
         assert!(s.refetch_allowed(&c, 15));
         let keys = KeySet::parse(JWKS.as_bytes(), false).unwrap();
-        s.loaded(keys, "/jwks".into(), 20);
+        s.loaded(keys, "/jwks".into(), 20, 20_000);
         assert!(!s.refresh_due(&c, 119));
         assert!(s.refresh_due(&c, 120));
         s.periodic_in_flight = true;

@@ -122,6 +122,45 @@ fn a_worker_without_a_timer_takes_over_what_the_ticked_worker_loaded() {
 }
 
 #[test]
+fn a_worker_keeps_keys_it_asked_for_after_the_ticked_workers_fetch() {
+    // The main thread's periodic fetch is sent first and answered last; in between a worker
+    // fetched on demand and saw the IdP's new key set (issue 15's review: the worker must not
+    // go back to the older set, which may hold a key the IdP dropped).
+    let settings = config(json!({"verify": verify()}));
+    let mut main = Proxy::new(&settings);
+    let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
+    main.tick();
+    let periodic = main.world.take_calls().remove(0);
+    main.world.advance(Duration::from_secs(1));
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
+        Action::Pause
+    );
+    let fetch = main.world.take_calls().remove(0);
+    ex.answer(fetch.token, Some("200"), &jwks_of(2));
+    assert!(ex.reply().is_none(), "issued with the rotated key");
+    main.answer(periodic.token, Some("200"), &jwks());
+    let older = main.worker.loaded_keys().unwrap();
+    assert!(!worker.worker.adopt_keys(&older));
+    // Still the rotated key: a token of it is issued without another fetch.
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt_signed(2, "carol"))),
+        Action::Continue
+    );
+    assert!(main.world.take_calls().is_empty());
+    // A later periodic refresh is newer again, and taken.
+    main.world.advance(Duration::from_secs(301));
+    main.tick();
+    let call = main.world.take_calls().remove(0);
+    main.answer(call.token, Some("200"), &jwks_of(2));
+    assert!(worker
+        .worker
+        .adopt_keys(&main.worker.loaded_keys().unwrap()));
+}
+
+#[test]
 fn keys_never_replace_inline_ones() {
     let main = Proxy::new(&config(json!({"verify": verify()})));
     let inline = Proxy::in_world(
