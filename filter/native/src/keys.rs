@@ -7,8 +7,9 @@
 //! next stream ([`SharedKeys::adopt_into`]: one atomic load per stream while nothing changed,
 //! never a wait on another thread's fetch). A worker's on-demand fetches (an unknown `kid`, or a
 //! signature no key verifies) stay its own, as in the Wasm build; the next periodic refresh
-//! replaces them for every worker alike. One fetch per process per refresh instead of one per
-//! worker.
+//! asked for after them replaces them (key sets are ordered by when they were requested,
+//! counted: `split_token_core::issue::keys::next_request`). One fetch per process per refresh
+//! instead of one per worker.
 
 use split_token_core::flow::{LoadedKeys, Worker};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -9,7 +9,7 @@
 use super::host::{Answer, HostExt, Level, Message, StreamHost};
 use super::worker::{dispatch_etcd, dispatch_key_request, key_response, tokens, Shared};
 use super::Action;
-use crate::issue::keys::{first_request, FetchError, KeyRequest, Outcome};
+use crate::issue::keys::{first_request, next_request, FetchError, KeyRequest, Outcome};
 use crate::issue::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use crate::lifecycle::introspect::{authenticate, introspect, Introspection};
 use crate::lifecycle::revoke::{self, Failure, RevocationError, RevocationPlan};
@@ -77,7 +77,7 @@ pub struct Stream {
 /// What a held request or response waits for.
 enum Pending {
     /// Keys to verify a split token.
-    /// Waiting for keys: the token, the request and when it was sent (ms).
+    /// Waiting for keys: the token, the request and its number ([`next_request`]).
     Keys(SplitPlan, KeyRequest, u64),
     /// The split token's write to etcd, before the client gets it.
     Publish { plan: SplitPlan, step: LeaseStep },
@@ -155,7 +155,7 @@ enum Leased {
 enum Check {
     Verified,
     /// Keys are being fetched; the response stays paused.
-    Wait(u32, KeyRequest),
+    Wait(u32, KeyRequest, u64),
     Failed(VerifyError),
     NoKeys(FetchError),
 }
@@ -839,8 +839,8 @@ impl Stream {
     fn verify_then_issue<H: StreamHost>(&mut self, h: &H, plan: SplitPlan) -> Action {
         match self.check(h, &plan) {
             Check::Verified => self.publish_then_issue(h, plan),
-            Check::Wait(token, request) => {
-                self.pending = Some(Pending::Keys(plan, request, h.now_ms()));
+            Check::Wait(token, request, number) => {
+                self.pending = Some(Pending::Keys(plan, request, number));
                 self.state = State::Waiting(token);
                 Action::Pause
             }
@@ -889,8 +889,9 @@ impl Stream {
             return Check::NoKeys(FetchError::NoResponse);
         };
         self.shared.keys.borrow_mut().on_demand_at = Some(now);
+        let number = next_request();
         match dispatch_key_request(h, verify_config, &request) {
-            Ok(token) => Check::Wait(token, request),
+            Ok(token) => Check::Wait(token, request, number),
             Err(_) => Check::NoKeys(FetchError::NoResponse),
         }
     }
@@ -963,11 +964,12 @@ impl Stream {
         h: &H,
         plan: SplitPlan,
         request: KeyRequest,
-        sent_ms: u64,
+        number: u64,
         answer: Answer,
     ) -> Action {
         let now = h.now_s();
         match key_response(h, &request, answer) {
+            // The discovery document named the JWKS: that request is the one that counts.
             Outcome::Next(next) => match self
                 .config()
                 .verify
@@ -975,7 +977,7 @@ impl Stream {
                 .map(|v| dispatch_key_request(h, v, &next))
             {
                 Some(Ok(token)) => {
-                    self.pending = Some(Pending::Keys(plan, next, h.now_ms()));
+                    self.pending = Some(Pending::Keys(plan, next, next_request()));
                     self.state = State::Waiting(token);
                     Action::Pause
                 }
@@ -986,7 +988,7 @@ impl Stream {
                 self.shared
                     .keys
                     .borrow_mut()
-                    .loaded(keys, jwks_path, now, sent_ms);
+                    .loaded(keys, jwks_path, now, number);
                 self.verify_then_issue(h, plan)
             }
             Outcome::Failed(e) => {
@@ -1023,8 +1025,8 @@ impl Stream {
             .unwrap_or_default();
         // Token responses are held in the response path, lifecycle calls in the request path.
         let (action, response) = match pending {
-            Pending::Keys(plan, request, sent_ms) => {
-                (self.on_keys(h, plan, request, sent_ms, answer), true)
+            Pending::Keys(plan, request, number) => {
+                (self.on_keys(h, plan, request, number, answer), true)
             }
             Pending::Publish { plan, step } => {
                 let answer = h.answer(answer);

@@ -7,7 +7,7 @@
 use super::host::{Answer, Host, HostExt, Level};
 use super::stream::Stream;
 use crate::config::{EtcdConfig, KeySource, VerifyConfig};
-use crate::issue::keys::{first_request, on_response, KeyRequest, KeyState, Outcome};
+use crate::issue::keys::{first_request, next_request, on_response, KeyRequest, KeyState, Outcome};
 use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use crate::stats::Counter;
 use crate::store::cache::LocalCache;
@@ -52,8 +52,8 @@ pub struct LoadedKeys {
     keys: KeySet,
     jwks_path: String,
     loaded_at: u64,
-    /// When the request that loaded them was sent ([`KeyState::sent_ms`]).
-    sent_ms: u64,
+    /// Which request loaded them ([`KeyState::request`]).
+    request: u64,
     /// The loading worker's [`KeyState::loads`] when these were loaded.
     load: u64,
 }
@@ -70,7 +70,7 @@ impl LoadedKeys {
 pub struct Worker {
     shared: Option<Rc<Shared>>,
     lookups: Rc<Cell<u32>>,
-    /// The periodic key fetch under way: its call token, request and when it was sent (ms).
+    /// The periodic key fetch under way: its call token, request and number ([`next_request`]).
     periodic: Option<(u32, KeyRequest, u64)>,
     /// This worker's number in the process, which names it as the revocation poller.
     worker: u64,
@@ -183,7 +183,7 @@ impl Worker {
             keys: keys.keys.clone()?,
             jwks_path: keys.jwks_path.clone()?,
             loaded_at: keys.loaded_at,
-            sent_ms: keys.sent_ms,
+            request: keys.request,
             load: keys.loads,
         })
     }
@@ -202,17 +202,13 @@ impl Worker {
             .verify
             .as_ref()
             .is_some_and(|v| matches!(v.source, KeySource::Remote { .. }));
-        let mut own = shared.keys.borrow_mut();
-        if !remote || (own.keys.is_some() && own.sent_ms > keys.sent_ms) {
-            return false;
-        }
-        own.loaded(
-            keys.keys.clone(),
-            keys.jwks_path.clone(),
-            keys.loaded_at,
-            keys.sent_ms,
-        );
-        true
+        remote
+            && shared.keys.borrow_mut().loaded(
+                keys.keys.clone(),
+                keys.jwks_path.clone(),
+                keys.loaded_at,
+                keys.request,
+            )
     }
 
     /// The state of a new HTTP exchange; `None` while no configuration was accepted (the
@@ -352,11 +348,11 @@ impl Worker {
             self.on_poll_answer(host, &shared, answer);
             return;
         }
-        let Some((periodic, request, sent_ms)) = self.periodic.take() else {
+        let Some((periodic, request, number)) = self.periodic.take() else {
             return;
         };
         if periodic != token {
-            self.periodic = Some((periodic, request, sent_ms));
+            self.periodic = Some((periodic, request, number));
             return;
         }
         shared.keys.borrow_mut().periodic_in_flight = false;
@@ -365,17 +361,22 @@ impl Worker {
             Outcome::Next(next) => self.start_periodic_fetch(host, &shared, next),
             Outcome::Keys { keys, jwks_path } => {
                 host.bump(Counter::KeysFetched);
-                host.log(
-                    Level::Info,
-                    &format!(
-                        "loaded {} verification key(s) from {jwks_path}",
-                        keys.keys.len()
-                    ),
+                let line = format!(
+                    "loaded {} verification key(s) from {jwks_path}",
+                    keys.keys.len()
                 );
-                shared
+                if shared
                     .keys
                     .borrow_mut()
-                    .loaded(keys, jwks_path, now, sent_ms);
+                    .loaded(keys, jwks_path, now, number)
+                {
+                    host.log(Level::Info, &line);
+                } else {
+                    host.log(
+                        Level::Info,
+                        "key refresh answered after a newer fetch: its keys are not taken",
+                    );
+                }
             }
             Outcome::Failed(e) => {
                 host.bump(Counter::KeyFetchFailures);
@@ -390,11 +391,11 @@ impl Worker {
             return;
         };
         let now = host.now_s();
-        let sent_ms = host.now_ms();
+        let number = next_request();
         match dispatch_key_request(host, verify, &request) {
             Ok(token) => {
                 shared.keys.borrow_mut().periodic_in_flight = true;
-                self.periodic = Some((token, request, sent_ms));
+                self.periodic = Some((token, request, number));
             }
             Err(status) => {
                 host.log(Level::Warn, &format!("cannot start key fetch: {status}"));

@@ -10,9 +10,20 @@ use crate::config::{KeySource, VerifyConfig};
 use crate::token::verify::{JwksError, KeySet};
 use serde::Deserialize;
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The OpenID discovery document's path.
 pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+
+/// Numbers every key request this process sends, in the order sent: which of two key sets is
+/// newer, by a count no clock step can turn back. Process-wide, so the workers of a native
+/// host (threads of one process) compare their sets by it.
+static KEY_REQUESTS: AtomicU64 = AtomicU64::new(1);
+
+/// The number of the key request about to be sent.
+pub fn next_request() -> u64 {
+    KEY_REQUESTS.fetch_add(1, Ordering::Relaxed)
+}
 
 /// One GET the fetcher wants made.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,9 +174,9 @@ pub struct KeyState {
     /// How many times the keys were replaced: a host that shares one worker's keys with others
     /// hands them on when this moves (see `flow::Worker::loaded_keys`).
     pub loads: u64,
-    /// When the request that loaded the keys was sent (Unix milliseconds): of two key sets, the
-    /// one asked for later is the newer, whichever answer came back first.
-    pub sent_ms: u64,
+    /// Which request loaded the keys ([`next_request`]): of two key sets, the one asked for
+    /// later is the newer, whichever answer came back first.
+    pub request: u64,
 }
 
 impl KeyState {
@@ -206,13 +217,19 @@ impl KeyState {
         self.next_attempt_at = now.saturating_add(Self::RETRY_SECONDS);
     }
 
-    /// Takes keys loaded at `now` by a JWKS request sent at `sent_ms` (Unix milliseconds).
-    pub fn loaded(&mut self, keys: KeySet, jwks_path: String, now: u64, sent_ms: u64) {
+    /// Takes keys loaded at `now` by JWKS request number `request` ([`next_request`]), unless
+    /// the keys held came from a later request: an answer that comes back after a newer one
+    /// must not bring back a key the IdP dropped in between. Whether it took them.
+    pub fn loaded(&mut self, keys: KeySet, jwks_path: String, now: u64, request: u64) -> bool {
+        if self.keys.is_some() && request < self.request {
+            return false;
+        }
         self.keys = Some(keys);
         self.jwks_path = Some(jwks_path);
         self.loaded_at = now;
-        self.sent_ms = sent_ms;
+        self.request = request;
         self.loads = self.loads.wrapping_add(1);
+        true
     }
 }
 
@@ -348,7 +365,7 @@ mod tests {
         assert!(!s.refetch_allowed(&c, 14));
         assert!(s.refetch_allowed(&c, 15));
         let keys = KeySet::parse(JWKS.as_bytes(), false).unwrap();
-        s.loaded(keys, "/jwks".into(), 20, 20_000);
+        s.loaded(keys, "/jwks".into(), 20, next_request());
         assert!(!s.refresh_due(&c, 119));
         assert!(s.refresh_due(&c, 120));
         s.periodic_in_flight = true;

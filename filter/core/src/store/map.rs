@@ -54,8 +54,8 @@ pub const SWEEP_SECONDS: u64 = 10;
 pub const SWEEP_SHARE: usize = 8;
 /// ...of this many, spread over its table.
 const SWEEP_SAMPLE: usize = 32;
-/// A full store evicts this share of the writing shard's entries (those nearest to expiry) at
-/// once, so that writes into a full store cost a bounded amount each.
+/// A full store evicts this share of one shard's entries (those nearest to expiry) at once, so
+/// that writes into a full store cost a bounded amount each.
 pub const EVICT_SHARE: usize = 32;
 /// An entry's bytes besides its header.payload (see the module's layout).
 const ENTRY_FIXED: usize = KEY_TAIL + 4 + 2;
@@ -148,9 +148,9 @@ impl MapStore {
     }
 
     /// Makes room for one more token: drops the expired entries of the first shard holding any
-    /// (from the shard of `key` on), or else evicts from the shard of `key` (or the next one
-    /// holding any entry). One lock at a time, so writers never wait on each other in a cycle.
-    /// Nothing when `key` is stored already (a rewrite takes no room).
+    /// (from the shard of `key` on), or else evicts from the shard whose entries expire first
+    /// (and on, down to the capacity). One lock at a time, so writers never wait on each other
+    /// in a cycle. Nothing when `key` is stored already (a rewrite takes no room).
     fn make_room(&self, key: &StoreKey, now: u64) -> Result<Dropped, StoreError> {
         let (first, hash) = self.index(key);
         {

@@ -161,6 +161,58 @@ fn a_worker_keeps_keys_it_asked_for_after_the_ticked_workers_fetch() {
 }
 
 #[test]
+fn a_key_answer_that_comes_back_after_a_newer_one_is_not_taken() {
+    // A worker's own fetch is sent first; the main thread's later periodic set is adopted
+    // first; the worker's older answer then must not replace it.
+    let settings = config(json!({"verify": verify()}));
+    let mut main = Proxy::new(&settings);
+    let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
+        Action::Pause
+    );
+    let own = main.world.take_calls().remove(0);
+    main.tick();
+    let periodic = main.world.take_calls().remove(0);
+    main.answer(periodic.token, Some("200"), &jwks_of(2));
+    assert!(worker
+        .worker
+        .adopt_keys(&main.worker.loaded_keys().unwrap()));
+    ex.answer(own.token, Some("200"), &jwks());
+    assert!(ex.reply().is_none(), "verified against the newer set");
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt_signed(2, "carol"))),
+        Action::Continue
+    );
+    assert!(main.world.take_calls().is_empty());
+}
+
+#[test]
+fn a_clock_step_back_does_not_stop_a_worker_taking_newer_keys() {
+    // Key sets are ordered by when they were asked for, counted, not by the clock.
+    let settings = config(json!({"verify": verify()}));
+    let mut main = Proxy::new(&settings);
+    let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
+    let (mut ex, _) = token_exchange(&worker);
+    assert_eq!(
+        ex.response_body(&token_response(&jwt("alice"))),
+        Action::Pause
+    );
+    let own = main.world.take_calls().remove(0);
+    ex.answer(own.token, Some("200"), &jwks());
+    // The host's clock steps back a day (NTP correcting it) before the next periodic fetch.
+    main.world.now.set(Duration::from_secs(sim::T0 - 86_400));
+    main.tick();
+    let periodic = main.world.take_calls().remove(0);
+    main.answer(periodic.token, Some("200"), &jwks_of(2));
+    assert!(worker
+        .worker
+        .adopt_keys(&main.worker.loaded_keys().unwrap()));
+}
+
+#[test]
 fn keys_never_replace_inline_ones() {
     let main = Proxy::new(&config(json!({"verify": verify()})));
     let inline = Proxy::in_world(
