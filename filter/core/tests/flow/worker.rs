@@ -80,6 +80,22 @@ fn jwks_of(seed: u8) -> String {
     json!({ "keys": [key] }).to_string()
 }
 
+/// `worker` splits a token of `jwt` with the keys it holds: no fetch.
+fn splits_without_a_fetch(worker: &Proxy, jwt: &str) {
+    let (mut ex, _) = token_exchange(worker);
+    assert_eq!(ex.response_body(&token_response(jwt)), Action::Continue);
+    assert!(worker.world.take_calls().is_empty());
+}
+
+/// `worker` holds a token response of `jwt` for an on-demand key fetch: the exchange and the
+/// fetch.
+fn fetches_on_demand(worker: &Proxy, jwt: &str) -> (Exchange, sim::Sent) {
+    let (mut ex, _) = token_exchange(worker);
+    assert_eq!(ex.response_body(&token_response(jwt)), Action::Pause);
+    let fetch = worker.world.take_calls().remove(0);
+    (ex, fetch)
+}
+
 #[test]
 fn a_worker_without_a_timer_takes_over_what_the_ticked_worker_loaded() {
     // Envoy's dynamic modules tick only the main thread's worker (issue 15): the native adapter
@@ -97,12 +113,7 @@ fn a_worker_without_a_timer_takes_over_what_the_ticked_worker_loaded() {
     assert_eq!(keys.load(), 1);
     assert!(worker.worker.adopt_keys(&keys));
     // Issued at once, without a fetch of its own.
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt("alice"))),
-        Action::Continue
-    );
-    assert!(main.world.take_calls().is_empty());
+    splits_without_a_fetch(&worker, &jwt("alice"));
 
     // The IdP rotates its key; the next periodic refresh loads it, and the worker with it.
     main.world.advance(Duration::from_secs(301));
@@ -112,12 +123,7 @@ fn a_worker_without_a_timer_takes_over_what_the_ticked_worker_loaded() {
     let keys = main.worker.loaded_keys().unwrap();
     assert_eq!((main.worker.keys_loads(), keys.load()), (2, 2));
     assert!(worker.worker.adopt_keys(&keys));
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
-        Action::Continue
-    );
-    assert!(main.world.take_calls().is_empty());
+    splits_without_a_fetch(&worker, &jwt_signed(2, "bob"));
     assert_eq!(main.world.counter(Counter::KeysFetched), 2);
 }
 
@@ -132,24 +138,14 @@ fn a_worker_keeps_keys_it_asked_for_after_the_ticked_workers_fetch() {
     main.tick();
     let periodic = main.world.take_calls().remove(0);
     main.world.advance(Duration::from_secs(1));
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
-        Action::Pause
-    );
-    let fetch = main.world.take_calls().remove(0);
+    let (mut ex, fetch) = fetches_on_demand(&worker, &jwt_signed(2, "bob"));
     ex.answer(fetch.token, Some("200"), &jwks_of(2));
     assert!(ex.reply().is_none(), "issued with the rotated key");
     main.answer(periodic.token, Some("200"), &jwks());
     let older = main.worker.loaded_keys().unwrap();
     assert!(!worker.worker.adopt_keys(&older));
     // Still the rotated key: a token of it is issued without another fetch.
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt_signed(2, "carol"))),
-        Action::Continue
-    );
-    assert!(main.world.take_calls().is_empty());
+    splits_without_a_fetch(&worker, &jwt_signed(2, "carol"));
     // A later periodic refresh is newer again, and taken.
     main.world.advance(Duration::from_secs(301));
     main.tick();
@@ -167,12 +163,7 @@ fn a_key_answer_that_comes_back_after_a_newer_one_is_not_taken() {
     let settings = config(json!({"verify": verify()}));
     let mut main = Proxy::new(&settings);
     let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt_signed(2, "bob"))),
-        Action::Pause
-    );
-    let own = main.world.take_calls().remove(0);
+    let (mut ex, own) = fetches_on_demand(&worker, &jwt_signed(2, "bob"));
     main.tick();
     let periodic = main.world.take_calls().remove(0);
     main.answer(periodic.token, Some("200"), &jwks_of(2));
@@ -181,12 +172,7 @@ fn a_key_answer_that_comes_back_after_a_newer_one_is_not_taken() {
         .adopt_keys(&main.worker.loaded_keys().unwrap()));
     ex.answer(own.token, Some("200"), &jwks());
     assert!(ex.reply().is_none(), "verified against the newer set");
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt_signed(2, "carol"))),
-        Action::Continue
-    );
-    assert!(main.world.take_calls().is_empty());
+    splits_without_a_fetch(&worker, &jwt_signed(2, "carol"));
 }
 
 #[test]
@@ -195,12 +181,7 @@ fn a_clock_step_back_does_not_stop_a_worker_taking_newer_keys() {
     let settings = config(json!({"verify": verify()}));
     let mut main = Proxy::new(&settings);
     let worker = Proxy::in_world(Rc::clone(&main.world), &settings);
-    let (mut ex, _) = token_exchange(&worker);
-    assert_eq!(
-        ex.response_body(&token_response(&jwt("alice"))),
-        Action::Pause
-    );
-    let own = main.world.take_calls().remove(0);
+    let (mut ex, own) = fetches_on_demand(&worker, &jwt("alice"));
     ex.answer(own.token, Some("200"), &jwks());
     // The host's clock steps back a day (NTP correcting it) before the next periodic fetch.
     main.world.now.set(Duration::from_secs(sim::T0 - 86_400));
