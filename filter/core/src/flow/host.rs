@@ -13,10 +13,8 @@
 //! status; a host never panics on them and the flow decides what a failure means.
 
 use crate::stats::Counter;
-#[cfg(feature = "host-map")]
 use crate::store::map::MapStore;
 use crate::store::{HostStatus, SharedData};
-#[cfg(feature = "host-map")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,7 +69,6 @@ pub trait Host: SharedData {
     /// The process-wide map of the tokens stored under `prefix`, holding at most `capacity`,
     /// for a host that lets the filter own memory shared by its workers (the native build).
     /// `None`, the default, keeps them in slots of the host's shared data.
-    #[cfg(feature = "host-map")]
     fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
         let _ = (prefix, capacity);
         None

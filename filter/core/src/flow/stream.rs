@@ -9,7 +9,7 @@
 use super::host::{Answer, HostExt, Level, Message, StreamHost};
 use super::worker::{dispatch_etcd, dispatch_key_request, key_response, tokens, Shared};
 use super::Action;
-use crate::issue::keys::{first_request, next_request, FetchError, KeyRequest, Outcome};
+use crate::issue::keys::{first_request, FetchError, KeyRequest, Outcome};
 use crate::issue::response::{classify, split, ResponseAction, SplitError, SplitPlan};
 use crate::lifecycle::introspect::{authenticate, introspect, Introspection};
 use crate::lifecycle::revoke::{self, Failure, RevocationError, RevocationPlan};
@@ -77,7 +77,7 @@ pub struct Stream {
 /// What a held request or response waits for.
 enum Pending {
     /// Keys to verify a split token.
-    /// Waiting for keys: the token, the request and its number ([`next_request`]).
+    /// Waiting for keys: the token, the request and its number (see `dispatch_key_request`).
     Keys(SplitPlan, KeyRequest, u64),
     /// The split token's write to etcd, before the client gets it.
     Publish { plan: SplitPlan, step: LeaseStep },
@@ -889,9 +889,8 @@ impl Stream {
             return Check::NoKeys(FetchError::NoResponse);
         };
         self.shared.keys.borrow_mut().on_demand_at = Some(now);
-        let number = next_request();
         match dispatch_key_request(h, verify_config, &request) {
-            Ok(token) => Check::Wait(token, request, number),
+            Ok((token, number)) => Check::Wait(token, request, number),
             Err(_) => Check::NoKeys(FetchError::NoResponse),
         }
     }
@@ -976,8 +975,8 @@ impl Stream {
                 .as_ref()
                 .map(|v| dispatch_key_request(h, v, &next))
             {
-                Some(Ok(token)) => {
-                    self.pending = Some(Pending::Keys(plan, next, next_request()));
+                Some(Ok((token, number))) => {
+                    self.pending = Some(Pending::Keys(plan, next, number));
                     self.state = State::Waiting(token);
                     Action::Pause
                 }

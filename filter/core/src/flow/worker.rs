@@ -11,14 +11,12 @@ use crate::issue::keys::{first_request, next_request, on_response, KeyRequest, K
 use crate::replicas::etcd::{self, EtcdError, Leases, PollerLease, RecentRevocations};
 use crate::stats::Counter;
 use crate::store::cache::LocalCache;
-#[cfg(feature = "host-map")]
 use crate::store::map::MapStore;
 use crate::store::{HostStatus, Store, Tokens};
 use crate::token::verify::KeySet;
 use crate::Config;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-#[cfg(feature = "host-map")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +34,6 @@ pub(crate) struct Shared {
     pub(crate) lookups: Rc<Cell<u32>>,
     /// The host's process-wide token map, when it has one ([`Host::token_map`]); otherwise the
     /// tokens live in the slot store over shared data.
-    #[cfg(feature = "host-map")]
     pub(crate) map: Option<Arc<MapStore>>,
 }
 
@@ -83,18 +80,20 @@ pub struct Worker {
     poll_failing: bool,
 }
 
-/// Starts one GET of a key fetch through the configured cluster.
+/// Starts one GET of a key fetch through the configured cluster: its call token, and the
+/// request's number ([`next_request`]), which orders the key sets answers bring.
 pub(crate) fn dispatch_key_request<H: Host>(
     host: &H,
     verify: &VerifyConfig,
     request: &KeyRequest,
-) -> Result<u32, HostStatus> {
+) -> Result<(u32, u64), HostStatus> {
     let KeySource::Remote {
         cluster, authority, ..
     } = &verify.source
     else {
         return Err(HostStatus(2));
     };
+    let number = next_request();
     host.dispatch(
         cluster,
         vec![
@@ -106,6 +105,7 @@ pub(crate) fn dispatch_key_request<H: Host>(
         None,
         Duration::from_millis(verify.fetch_timeout_ms),
     )
+    .map(|token| (token, number))
 }
 
 /// Reads a finished key fetch's answer and interprets it.
@@ -152,11 +152,10 @@ fn slots<'a, H: Host>(host: &'a H, config: &'a Config) -> Store<'a, H> {
 
 /// Where this worker's tokens live: the host's map, or slots in its shared data.
 pub(crate) fn tokens<'a, H: Host>(host: &'a H, shared: &'a Shared) -> Tokens<'a, H> {
-    #[cfg(feature = "host-map")]
-    if let Some(map) = &shared.map {
-        return Tokens::Map(map);
+    match &shared.map {
+        Some(map) => Tokens::Map(map),
+        None => Tokens::Slots(slots(host, &shared.config)),
     }
-    Tokens::Slots(slots(host, &shared.config))
 }
 
 impl Worker {
@@ -229,13 +228,10 @@ impl Worker {
         };
         host.define_counters();
         let cache = LocalCache::new(config.local_cache_entries);
-        #[cfg(feature = "host-map")]
         let map = host.token_map(
             &config.store_prefix,
             (config.store_slots as usize).saturating_mul(usize::from(config.slot_capacity)),
         );
-        #[cfg(not(feature = "host-map"))]
-        let map: Option<()> = None;
         // Create every slot now, so that no token is ever written to a missing key (Envoy's CAS
         // cannot guard key creation). Idempotent across VMs and reloads. The revocation epoch
         // needs nothing: a missing key is epoch 0, and its first bump creates it. A host's map
@@ -309,7 +305,6 @@ impl Worker {
             cache: RefCell::new(cache),
             leases: RefCell::new(leases),
             lookups: Rc::clone(&self.lookups),
-            #[cfg(feature = "host-map")]
             map,
         }));
         true
@@ -391,9 +386,8 @@ impl Worker {
             return;
         };
         let now = host.now_s();
-        let number = next_request();
         match dispatch_key_request(host, verify, &request) {
-            Ok(token) => {
+            Ok((token, number)) => {
                 shared.keys.borrow_mut().periodic_in_flight = true;
                 self.periodic = Some((token, request, number));
             }

@@ -39,7 +39,7 @@
 //! rebuilds it when at least 1 in [`SWEEP_SHARE`] has expired (always when the store is full).
 //! A rebuild holds the shard's lock while it copies the shard (1/64 of the store).
 
-use super::{Entry, Lookup, PutReport, StoreError};
+use super::{CorruptSlot, Entry, Lookup, PutReport, StoreError, TokenStore};
 use crate::token::StoreKey;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -305,6 +305,34 @@ impl MapStore {
     /// Moves the revocation epoch on.
     pub fn bump_epoch(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+impl TokenStore for MapStore {
+    fn lookup<R>(
+        &self,
+        key: &StoreKey,
+        now: u64,
+        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+    ) -> Result<R, StoreError> {
+        MapStore::lookup(self, key, now, |found| read(Ok(found)))
+    }
+
+    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
+        MapStore::put(self, entry, now)
+    }
+
+    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
+        MapStore::remove(self, key)
+    }
+
+    fn epoch(&self) -> Result<u64, StoreError> {
+        Ok(MapStore::epoch(self))
+    }
+
+    fn bump_epoch(&self) -> Result<(), StoreError> {
+        MapStore::bump_epoch(self);
+        Ok(())
     }
 }
 

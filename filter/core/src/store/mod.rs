@@ -23,6 +23,38 @@
 pub mod cache;
 #[cfg(feature = "host-map")]
 pub mod map;
+/// Without `host-map` (the Wasm build) no host lends the filter a map: the type exists so the
+/// flow can name it, and no value of it can, so the compiler drops every path through it.
+#[cfg(not(feature = "host-map"))]
+pub mod map {
+    use super::{CorruptSlot, Entry, Lookup, PutReport, StoreError, StoreKey, TokenStore};
+
+    /// The native build's token map; never made in this build.
+    pub enum MapStore {}
+
+    impl TokenStore for MapStore {
+        fn lookup<R>(
+            &self,
+            _: &StoreKey,
+            _: u64,
+            _: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
+        ) -> Result<R, StoreError> {
+            match *self {}
+        }
+        fn put(&self, _: &Entry<'_>, _: u64) -> Result<PutReport, StoreError> {
+            match *self {}
+        }
+        fn remove(&self, _: &StoreKey) -> Result<bool, StoreError> {
+            match *self {}
+        }
+        fn epoch(&self) -> Result<u64, StoreError> {
+            match *self {}
+        }
+        fn bump_epoch(&self) -> Result<(), StoreError> {
+            match *self {}
+        }
+    }
+}
 
 use crate::token::StoreKey;
 use std::borrow::Cow;
@@ -563,41 +595,11 @@ impl<H: SharedData> TokenStore for Store<'_, H> {
     }
 }
 
-#[cfg(feature = "host-map")]
-impl TokenStore for map::MapStore {
-    fn lookup<R>(
-        &self,
-        key: &StoreKey,
-        now: u64,
-        read: impl FnOnce(Result<Lookup<'_>, CorruptSlot>) -> R,
-    ) -> Result<R, StoreError> {
-        map::MapStore::lookup(self, key, now, |found| read(Ok(found)))
-    }
-
-    fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
-        map::MapStore::put(self, entry, now)
-    }
-
-    fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
-        map::MapStore::remove(self, key)
-    }
-
-    fn epoch(&self) -> Result<u64, StoreError> {
-        Ok(map::MapStore::epoch(self))
-    }
-
-    fn bump_epoch(&self) -> Result<(), StoreError> {
-        map::MapStore::bump_epoch(self);
-        Ok(())
-    }
-}
-
 /// The token store of one configuration on its host.
 pub enum Tokens<'a, H: SharedData> {
     /// Slots in the host's shared data.
     Slots(Store<'a, H>),
     /// The host's process-wide map.
-    #[cfg(feature = "host-map")]
     Map(&'a map::MapStore),
 }
 
@@ -610,7 +612,6 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     ) -> Result<R, StoreError> {
         match self {
             Self::Slots(store) => store.lookup(key, now, read),
-            #[cfg(feature = "host-map")]
             Self::Map(store) => TokenStore::lookup(*store, key, now, read),
         }
     }
@@ -618,35 +619,28 @@ impl<H: SharedData> TokenStore for Tokens<'_, H> {
     fn put(&self, entry: &Entry<'_>, now: u64) -> Result<PutReport, StoreError> {
         match self {
             Self::Slots(store) => store.put(entry, now),
-            #[cfg(feature = "host-map")]
-            Self::Map(store) => store.put(entry, now),
+            Self::Map(store) => TokenStore::put(*store, entry, now),
         }
     }
 
     fn remove(&self, key: &StoreKey) -> Result<bool, StoreError> {
         match self {
             Self::Slots(store) => store.remove(key),
-            #[cfg(feature = "host-map")]
-            Self::Map(store) => store.remove(key),
+            Self::Map(store) => TokenStore::remove(*store, key),
         }
     }
 
     fn epoch(&self) -> Result<u64, StoreError> {
         match self {
             Self::Slots(store) => store.epoch(),
-            #[cfg(feature = "host-map")]
-            Self::Map(store) => Ok(store.epoch()),
+            Self::Map(store) => TokenStore::epoch(*store),
         }
     }
 
     fn bump_epoch(&self) -> Result<(), StoreError> {
         match self {
             Self::Slots(store) => store.bump_epoch(),
-            #[cfg(feature = "host-map")]
-            Self::Map(store) => {
-                store.bump_epoch();
-                Ok(())
-            }
+            Self::Map(store) => TokenStore::bump_epoch(*store),
         }
     }
 }

@@ -24,10 +24,7 @@ fn host_calls_per_hit_and_per_public_request() {
         let mut c = config(extra);
         c["public_prefixes"] = json!(["/health/"]);
         let proxy = Proxy::new(&c);
-        #[cfg(feature = "host-map")]
         let in_map = proxy.world.maps.is_some();
-        #[cfg(not(feature = "host-map"))]
-        let in_map = false;
         let epoch_read = u32::from(c.get("revocation_paths").is_some() && in_map);
         let hit = hit - epoch_read;
         let token = issue(&proxy, &jwt("alice"));

@@ -6,13 +6,11 @@
 use split_token_core::flow::host::{Answer, Host, Level, Message, StreamHost};
 use split_token_core::flow::{Action, Stream, Worker};
 use split_token_core::stats::Counter;
-#[cfg(feature = "host-map")]
 use split_token_core::store::map::MapStore;
 use split_token_core::store::{HostStatus, SetError, SharedData};
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-#[cfg(feature = "host-map")]
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,7 +51,6 @@ pub struct World {
     pub refuse_dispatch: Cell<bool>,
     /// Tokens live in a process-wide map per prefix, as in the native build, rather than in
     /// slots of the shared data: `SPLIT_TOKEN_SIM_STORE=map` (`just unit` runs both).
-    #[cfg(feature = "host-map")]
     pub maps: Option<RefCell<BTreeMap<String, Arc<MapStore>>>>,
 }
 
@@ -379,7 +376,6 @@ impl Host for Ex {
     fn call_body(&self, size: usize) -> Vec<u8> {
         self.world.call_body(size)
     }
-    #[cfg(feature = "host-map")]
     fn token_map(&self, prefix: &str, capacity: usize) -> Option<Arc<MapStore>> {
         self.world.token_map(prefix, capacity)
     }
